@@ -1,0 +1,1 @@
+"""authz: the Envoy ext_authz decision service on Casbin RBAC policies."""

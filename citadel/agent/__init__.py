@@ -1,0 +1,1 @@
+"""The sidecar agent: fetch and renew SVIDs, serve them to Envoy over SDS."""

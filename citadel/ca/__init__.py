@@ -1,0 +1,1 @@
+"""The certificate authority: Istio's CA protocol, SPIFFE X509-SVIDs."""

@@ -1,0 +1,1 @@
+"""Typer sub-applications; ``citadel.cli`` wires them. Each holds argument parsing only."""

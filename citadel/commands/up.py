@@ -1,0 +1,3 @@
+"""`citadel up` and `citadel demo`: the embedded default (issue: first run)."""
+
+from __future__ import annotations
