@@ -1,0 +1,88 @@
+"""The load generator counts what it sends, against the trivial servicer over real gRPC."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import loadgen  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trivial(tmp_path_factory: pytest.TempPathFactory):
+    port = loadgen.free_port()
+    target = f"127.0.0.1:{port}"
+    server = loadgen.ServerProcess(
+        [
+            sys.executable,
+            str(Path(loadgen.__file__).with_name("trivial_authz.py")),
+            "--listen",
+            target,
+        ],
+        name="trivial",
+        log_dir=tmp_path_factory.mktemp("trivial"),
+    )
+    try:
+        payload = loadgen.check_payload(principal="", host="h", method="GET", path="/x")
+        loadgen.wait_for_check(target, payload, timeout=20)
+        yield target, payload
+    finally:
+        assert server.stop() == 0
+
+
+def test_open_loop_sends_exactly_the_offered_requests(trivial) -> None:
+    target, payload = trivial
+    result = loadgen.run_load(
+        loadgen.LoadSpec(target=target, payloads=[payload], rate=200, duration=1.0, warmup=0.2)
+    )
+    assert result.mode == "open"
+    assert result.errors == 0 and result.dropped == 0
+    assert result.requests == 200  # due times inside the 1 s window, none lost
+    assert result.allowed == 200 and result.denied == 0
+    assert 0 < result.p50_ms <= result.p99_ms <= result.max_ms
+
+
+def test_closed_loop_across_processes_merges_counts(trivial) -> None:
+    target, payload = trivial
+    result = loadgen.run_load(
+        loadgen.LoadSpec(
+            target=target,
+            payloads=[payload],
+            concurrency=4,
+            connections=2,
+            processes=2,
+            duration=0.5,
+            warmup=0.1,
+        )
+    )
+    assert result.mode == "closed" and result.processes == 2
+    assert result.errors == 0
+    assert result.requests > 50
+    assert result.allowed == result.requests
+
+
+def test_a_dead_target_fails_fast_with_a_clear_error() -> None:
+    port = loadgen.free_port()
+    payload = loadgen.check_payload(principal="", host="h", method="GET", path="/x")
+    with pytest.raises(ConnectionError, match="cannot connect"):
+        loadgen.run_load(
+            loadgen.LoadSpec(
+                target=f"127.0.0.1:{port}",
+                payloads=[payload],
+                rate=10,
+                duration=0.2,
+                connect_timeout=0.5,
+            )
+        )
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert loadgen.percentile(values, 50) == 50.0
+    assert loadgen.percentile(values, 99) == 99.0
+    assert loadgen.percentile(values, 100) == 100.0
+    assert loadgen.percentile([], 99) == 0.0
