@@ -30,7 +30,7 @@ _OK = status_pb2.Status(code=0)
 class TrivialAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
     """Allows everything; the cheapest Check a Python gRPC server can answer."""
 
-    async def Check(  # noqa: N802 - generated gRPC method name
+    async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         response = external_auth_pb2.CheckResponse(status=_OK)

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import loadgen  # noqa: E402
+import loadgen
 
 
 @pytest.fixture(scope="module")
