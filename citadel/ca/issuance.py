@@ -1,0 +1,346 @@
+"""CSR policy, leaf building and the self-check: what makes a certificate an X509-SVID.
+
+The identity in a leaf comes only from the authenticated caller; the CSR contributes its
+public key and nothing else. A CSR that *asks* for anything beyond that one identity
+(another URI, a DNS name, an IP, an e-mail, a CA certificate) is refused rather than
+silently trimmed, so a confused or malicious client learns exactly what was wrong.
+
+Every leaf is then verified by an independent validator (cryptography's Web PKI
+``x509.verification``) before it leaves the process: a CA that can emit a bad certificate
+is worse than one that refuses.
+
+Per-authority constants (issuer name, AKI, key-usage variants, verifier store) are built
+once in ``Issuer.__init__``; ``issue`` only does what must differ per leaf.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from citadel.ca.authority import Authority, key_type_of
+from citadel.ca.tokens import Caller
+from citadel.errors import AuthorityError, InvalidRequest, InvalidSpiffeId, PermissionDenied
+from citadel.spiffe import SpiffeId
+
+__all__ = [
+    "DEFAULT_BACKDATE",
+    "DEFAULT_TTL",
+    "MAX_CSR_BYTES",
+    "MAX_TTL",
+    "IssuedCertificate",
+    "Issuer",
+    "parse_csr",
+]
+
+DEFAULT_TTL: Final = timedelta(hours=1)
+MAX_TTL: Final = timedelta(hours=24)
+#: Absorbs clock skew between the CA and relying parties (SPIRE uses 10 s, Istio 2 min).
+DEFAULT_BACKDATE: Final = timedelta(seconds=30)
+#: A 4096-bit RSA CSR with one URI SAN is ~1.7 KiB of PEM; anything near this is abuse.
+MAX_CSR_BYTES: Final = 8 * 1024
+
+_PEM_BEGIN: Final = b"-----BEGIN CERTIFICATE REQUEST-----"
+_PEM_END: Final = b"-----END CERTIFICATE REQUEST-----"
+_EC_CURVES: Final = frozenset({"secp256r1", "secp384r1"})
+_RSA_BITS: Final = (2048, 4096)
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    certificate: x509.Certificate
+    spiffe_id: SpiffeId
+    #: Leaf first, root last: Istio's ``cert_chain`` order.
+    chain_pem: tuple[str, ...]
+    serial: int
+    not_before: datetime
+    not_after: datetime
+    key_type: str
+    requested_ttl: int
+    granted_ttl: int
+
+    @property
+    def pem(self) -> str:
+        return self.chain_pem[0]
+
+
+def _ku(*, rsa_key: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=rsa_key,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+_KU_EC: Final = _ku(rsa_key=False)
+_KU_RSA: Final = _ku(rsa_key=True)
+_EKU: Final = x509.ExtendedKeyUsage(
+    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+)
+_NOT_CA: Final = x509.BasicConstraints(ca=False, path_length=None)
+_EMPTY_NAME: Final = x509.Name([])
+
+
+def parse_csr(
+    data: str | bytes, *, max_bytes: int = MAX_CSR_BYTES
+) -> x509.CertificateSigningRequest:
+    """Exactly one PEM ``CERTIFICATE REQUEST`` block, nothing around it, signature valid."""
+    raw = data.encode("utf-8", "replace") if isinstance(data, str) else bytes(data)
+    if not raw.strip():
+        raise InvalidRequest(
+            "the request carries no CSR (field 'csr' is empty)", reason="csr_missing"
+        )
+    if len(raw) > max_bytes:
+        raise InvalidRequest(
+            f"CSR is {len(raw)} bytes; at most {max_bytes} are accepted", reason="csr_too_large"
+        )
+    body = raw.strip()
+    if not body.startswith(_PEM_BEGIN) or not body.endswith(_PEM_END):
+        raise InvalidRequest(
+            "CSR must be a single PEM block '-----BEGIN CERTIFICATE REQUEST-----' ... "
+            "'-----END CERTIFICATE REQUEST-----' with nothing before or after it",
+            reason="csr_malformed",
+        )
+    if body.count(b"-----BEGIN") != 1 or body.count(b"-----END") != 1:
+        raise InvalidRequest("CSR must hold exactly one PEM block", reason="csr_malformed")
+    try:
+        csr = x509.load_pem_x509_csr(body)
+    except ValueError:
+        raise InvalidRequest("CSR is not a valid PKCS#10 request", reason="csr_malformed") from None
+    if not csr.is_signature_valid:
+        raise InvalidRequest(
+            "CSR signature does not verify with its own public key", reason="csr_signature"
+        )
+    return csr
+
+
+def _check_key(csr: x509.CertificateSigningRequest) -> tuple[object, str]:
+    try:
+        key = csr.public_key()
+    except (ValueError, TypeError):
+        raise InvalidRequest("CSR public key cannot be parsed", reason="csr_key") from None
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _EC_CURVES:
+            raise InvalidRequest(
+                f"CSR key is EC {key.curve.name}; only P-256 and P-384 are accepted",
+                reason="csr_key",
+            )
+    elif isinstance(key, rsa.RSAPublicKey):
+        if not _RSA_BITS[0] <= key.key_size <= _RSA_BITS[1]:
+            raise InvalidRequest(
+                f"CSR key is RSA-{key.key_size}; RSA keys must be 2048 to 4096 bits",
+                reason="csr_key",
+            )
+    else:
+        raise InvalidRequest(
+            f"CSR key type {type(key).__name__.lstrip('_')} is not accepted; "
+            "use EC P-256/P-384 or RSA 2048-4096",
+            reason="csr_key",
+        )
+    return key, key_type_of(key)
+
+
+def _describe(name: x509.GeneralName) -> str:
+    kinds = {
+        x509.DNSName: "DNS",
+        x509.IPAddress: "IP",
+        x509.RFC822Name: "e-mail",
+        x509.UniformResourceIdentifier: "URI",
+        x509.DirectoryName: "directory name",
+        x509.RegisteredID: "registered ID",
+        x509.OtherName: "other name",
+    }
+    value = str(getattr(name, "value", ""))
+    if len(value) > 80:
+        value = value[:80] + "..."
+    return f"{kinds.get(type(name), type(name).__name__)} {value!r}"
+
+
+def _check_extensions(csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId) -> None:
+    try:
+        extensions = list(csr.extensions)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise InvalidRequest(
+            f"CSR extensions cannot be parsed: {exc}", reason="csr_malformed"
+        ) from None
+    for ext in extensions:
+        value = ext.value
+        if isinstance(value, x509.BasicConstraints) and value.ca:
+            raise InvalidRequest(
+                "CSR requests a CA certificate (basicConstraints CA=true); "
+                "workload certificates are never CAs",
+                reason="csr_ca",
+            )
+        if isinstance(value, x509.SubjectAlternativeName):
+            names = list(value)
+            wanted = str(spiffe_id)
+            others = [
+                n
+                for n in names
+                if not (isinstance(n, x509.UniformResourceIdentifier) and n.value == wanted)
+            ]
+            uris = [n for n in others if isinstance(n, x509.UniformResourceIdentifier)]
+            if uris:
+                raise PermissionDenied(
+                    f"CSR asks for identity {_describe(uris[0])}, but the token authenticates "
+                    f"{wanted}; leave the SAN out or request exactly that ID",
+                    reason="csr_identity_mismatch",
+                )
+            if others:
+                raise InvalidRequest(
+                    f"CSR carries a {_describe(others[0])} SAN; only the caller's SPIFFE ID "
+                    f"({wanted}) may be requested",
+                    reason="csr_san",
+                )
+            if len(names) > 1:
+                raise InvalidRequest(
+                    "CSR repeats the SPIFFE ID SAN; request it once", reason="csr_san"
+                )
+
+
+class Issuer:
+    """Signs X509-SVIDs for authenticated callers under one ``Authority``."""
+
+    def __init__(
+        self,
+        authority: Authority,
+        *,
+        clock: Clock = time.time,
+        default_ttl: timedelta = DEFAULT_TTL,
+        max_ttl: timedelta = MAX_TTL,
+        backdate: timedelta = DEFAULT_BACKDATE,
+        max_csr_bytes: int = MAX_CSR_BYTES,
+    ) -> None:
+        if default_ttl <= timedelta(0) or max_ttl <= timedelta(0):
+            raise AuthorityError("TTLs must be positive")
+        if default_ttl > max_ttl:
+            raise AuthorityError(f"default TTL {default_ttl} exceeds max TTL {max_ttl}")
+        if backdate < timedelta(0) or backdate > timedelta(minutes=10):
+            raise AuthorityError("NotBefore backdate must be between 0 and 10 minutes")
+        self.authority = authority
+        self.trust_domain = authority.trust_domain
+        self.default_ttl = default_ttl
+        self.max_ttl = max_ttl
+        self.backdate = backdate
+        self.max_csr_bytes = max_csr_bytes
+        self._clock = clock
+        self._issuer_name = authority.signing_cert.subject
+        self._aki = authority.authority_key_identifier
+        self._key = authority.key
+        self._hash = authority.hash_algorithm
+        self._chain_tail = authority.chain_pem
+        self._not_after = authority.not_after
+        self._store = verification.Store([authority.root])
+        self._untrusted = authority.untrusted_chain
+
+    # ------------------------------------------------------------------ policy
+
+    def ttl_for(self, requested_seconds: int) -> timedelta:
+        """0 means "the default"; a larger request is clamped to the maximum."""
+        if requested_seconds < 0:
+            raise InvalidRequest(
+                f"validity_duration must be positive seconds or 0 for the default "
+                f"(got {requested_seconds})",
+                reason="bad_ttl",
+            )
+        if requested_seconds == 0:
+            return self.default_ttl
+        if requested_seconds >= self.max_ttl.total_seconds():
+            return self.max_ttl
+        return timedelta(seconds=requested_seconds)
+
+    def spiffe_id_for(self, caller: Caller) -> SpiffeId:
+        try:
+            return self.trust_domain.workload(caller.namespace, caller.service_account)
+        except InvalidSpiffeId as exc:
+            raise PermissionDenied(
+                f"service account {caller.namespace}/{caller.service_account} does not form a "
+                f"valid SPIFFE ID: {exc}",
+                reason="invalid_identity",
+            ) from None
+
+    # ------------------------------------------------------------------ issuing
+
+    def issue(
+        self, caller: Caller, csr_pem: str | bytes, *, requested_ttl: int = 0
+    ) -> IssuedCertificate:
+        """Check the CSR against the caller, sign, self-check; raise a ``CitadelError``."""
+        spiffe_id = self.spiffe_id_for(caller)
+        ttl = self.ttl_for(requested_ttl)
+        csr = parse_csr(csr_pem, max_bytes=self.max_csr_bytes)
+        public_key, key_type = _check_key(csr)
+        _check_extensions(csr, spiffe_id)
+
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        not_before = (now - self.backdate).replace(microsecond=0)
+        not_after = min(now + ttl, self._not_after).replace(microsecond=0)
+        if not_after <= now:
+            raise AuthorityError("the CA certificate has expired; rotate ca-cert.pem")
+        serial = x509.random_serial_number()
+        builder = x509.CertificateBuilder(
+            issuer_name=self._issuer_name,
+            subject_name=_EMPTY_NAME,
+            public_key=public_key,  # type: ignore[arg-type]
+            serial_number=serial,
+            not_valid_before=not_before,
+            not_valid_after=not_after,
+            extensions=[
+                x509.Extension(_NOT_CA.oid, True, _NOT_CA),
+                x509.Extension(
+                    x509.KeyUsage.oid, True, _KU_RSA if key_type.startswith("rsa") else _KU_EC
+                ),
+                x509.Extension(_EKU.oid, False, _EKU),
+                x509.Extension(
+                    x509.SubjectAlternativeName.oid,
+                    True,
+                    x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
+                ),
+                x509.Extension(
+                    x509.SubjectKeyIdentifier.oid,
+                    False,
+                    x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
+                ),
+                x509.Extension(self._aki.oid, False, self._aki),
+            ],
+        )
+        leaf = builder.sign(self._key, self._hash)
+        self._self_check(leaf, spiffe_id, now)
+        pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+        return IssuedCertificate(
+            certificate=leaf,
+            spiffe_id=spiffe_id,
+            chain_pem=(pem, *self._chain_tail),
+            serial=serial,
+            not_before=not_before,
+            not_after=not_after,
+            key_type=key_type,
+            requested_ttl=requested_ttl,
+            granted_ttl=round((not_after - now).total_seconds()),
+        )
+
+    def _self_check(self, leaf: x509.Certificate, spiffe_id: SpiffeId, now: datetime) -> None:
+        verifier = verification.PolicyBuilder().store(self._store).time(now).build_client_verifier()
+        try:
+            verified = verifier.verify(leaf, self._untrusted)
+        except verification.VerificationError as exc:
+            raise AuthorityError(f"issued certificate failed self-verification: {exc}") from None
+        subjects = verified.subjects or []
+        if [getattr(s, "value", None) for s in subjects] != [str(spiffe_id)]:
+            raise AuthorityError("issued certificate failed self-verification: wrong SAN")
