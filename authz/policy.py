@@ -15,7 +15,20 @@ from pathlib import Path
 
 from citadel.errors import PolicyError
 
-__all__ = ["MODEL_FILE", "POLICY_FILE", "Policy", "load_policy_dir", "parse_policy_rows"]
+__all__ = [
+    "MODEL_FILE",
+    "POLICY_FILE",
+    "REQUEST_ARITY",
+    "Policy",
+    "load_policy_dir",
+    "parse_policy_rows",
+    "policy_shape",
+    "rule_counts",
+    "validate_policy",
+]
+
+#: Every Check calls the model with (sub, dom, obj, act); see authz/request.py.
+REQUEST_ARITY = 4
 
 MODEL_FILE = "model.conf"
 POLICY_FILE = "policy.csv"
@@ -96,10 +109,99 @@ def load_policy_dir(directory: str | Path) -> Policy:
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"cannot read {POLICY_FILE}: {exc}", file=POLICY_FILE) from exc
     rows, lines = parse_policy_rows(policy_text)
-    return Policy(
+    policy = Policy(
         model_text=model_text,
         rows=rows,
         revision=revision_of(model_text, policy_text),
         source=str(d),
         lines=lines,
     )
+    validate_policy(policy)
+    return policy
+
+
+def policy_shape(model_text: str) -> dict[str, int]:
+    """Number of values each ptype (``r``, ``p``, ``g``, ...) takes in the model.
+
+    Uses pycasbin's own config reader so the model means here what it means to the
+    engine; raises ``PolicyError`` naming ``model.conf`` when it does not parse.
+    """
+    try:
+        from casbin.config import Config
+
+        cfg = Config.new_config_from_text(model_text)
+    except Exception as exc:  # pycasbin raises bare exceptions of many kinds
+        raise PolicyError(f"model does not parse: {exc}", file=MODEL_FILE) from exc
+    data: dict[str, dict[str, str]] = getattr(cfg, "_data", {})
+    shape: dict[str, int] = {}
+    for section in ("request_definition", "policy_definition", "role_definition"):
+        for key, value in data.get(section, {}).items():
+            shape[key] = len([v for v in value.split(",") if v.strip()])
+    return shape
+
+
+def validate_policy(policy: Policy) -> None:
+    """Refuse, with file and line, what would otherwise decide wrongly or fail per request.
+
+    A request definition of other than four values cannot be called with the fixed
+    ``(sub, dom, obj, act)`` contract; a row of an unknown type or with the wrong number
+    of values would be silently ignored or mis-aligned by pycasbin; an effect column
+    other than allow/deny is neither and so would never count.
+    """
+    shape = policy_shape(policy.model_text)
+    r = shape.get("r")
+    if r is None:
+        raise PolicyError("model has no request definition 'r'", file=MODEL_FILE)
+    if r != REQUEST_ARITY:
+        raise PolicyError(
+            f"model's request definition takes {r} values; citadel calls it with exactly "
+            f"{REQUEST_ARITY}: r = sub, dom, obj, act",
+            file=MODEL_FILE,
+        )
+    if "p" not in shape:
+        raise PolicyError("model has no policy definition 'p'", file=MODEL_FILE)
+    eft_index = _eft_indexes(policy.model_text)
+    lines = policy.lines or (None,) * len(policy.rows)
+    for row, line in zip(policy.rows, lines, strict=False):
+        ptype, values = row[0], row[1:]
+        want = shape.get(ptype) if ptype != "r" else None
+        if want is None:
+            known = ", ".join(sorted(k for k in shape if k != "r"))
+            raise PolicyError(
+                f"unknown policy type {ptype!r} (the model defines {known})",
+                file=POLICY_FILE,
+                line=line,
+            )
+        if len(values) != want:
+            raise PolicyError(
+                f"{ptype!r} row has {len(values)} values; the model defines {want}",
+                file=POLICY_FILE,
+                line=line,
+            )
+        idx = eft_index.get(ptype)
+        if idx is not None and values[idx] not in ("allow", "deny"):
+            raise PolicyError(
+                f"effect must be 'allow' or 'deny', not {values[idx]!r}",
+                file=POLICY_FILE,
+                line=line,
+            )
+
+
+def _eft_indexes(model_text: str) -> dict[str, int]:
+    from casbin.config import Config
+
+    data: dict[str, dict[str, str]] = getattr(Config.new_config_from_text(model_text), "_data", {})
+    out: dict[str, int] = {}
+    for key, value in data.get("policy_definition", {}).items():
+        names = [v.strip() for v in value.split(",")]
+        if "eft" in names:
+            out[key] = names.index("eft")
+    return out
+
+
+def rule_counts(policy: Policy) -> dict[str, int]:
+    """Rows per ptype, for the status endpoint."""
+    counts: dict[str, int] = {}
+    for row in policy.rows:
+        counts[row[0]] = counts.get(row[0], 0) + 1
+    return counts
