@@ -14,11 +14,13 @@ import yaml
 __all__ = [
     "DEPLOY",
     "ENVOY_DIR",
+    "EXAMPLES_DIR",
     "ISTIO_DIR",
     "K8S_DIR",
     "REPO",
     "citadel_containers",
     "docs_of_kind",
+    "example_files",
     "kubernetes_docs",
     "kubernetes_files",
     "load_docs",
@@ -31,6 +33,7 @@ DEPLOY = REPO / "deploy"
 K8S_DIR = DEPLOY / "kubernetes"
 ENVOY_DIR = DEPLOY / "envoy"
 ISTIO_DIR = DEPLOY / "istio"
+EXAMPLES_DIR = DEPLOY / "examples"
 
 Doc = dict[str, Any]
 
@@ -55,6 +58,11 @@ def kubernetes_files() -> list[Path]:
         for p in K8S_DIR.iterdir()
         if p.suffix in {".yaml", ".yml"} and p.name != "kustomization.yaml"
     )
+
+
+def example_files() -> list[Path]:
+    """Example workloads (not part of the kustomization, applied per namespace)."""
+    return sorted(p for p in EXAMPLES_DIR.iterdir() if p.suffix in {".yaml", ".yml"})
 
 
 def kubernetes_docs() -> list[Doc]:
