@@ -277,7 +277,7 @@ class TokenReviewAuthenticator:
 
         details = {
             k: v
-            for k, v in (("service_account_uid", user.uid), ("node_name", first(_NODE_NAME_EXTRA)))
+            for k, v in (("serviceaccount_uid", user.uid), ("node_name", first(_NODE_NAME_EXTRA)))
             if v
         }
         exp = _unverified_exp(token)

@@ -106,7 +106,7 @@ def test_authenticated_service_account_caller_fields(api: FakeKubeApi, make_auth
     assert (caller.pod_name, caller.pod_uid) == ("checkout-7d9f", "p-123")
     assert caller.authenticator == "tokenreview"
     assert caller.expires_at == datetime.fromtimestamp(int(exp), UTC)
-    assert caller.extra["service_account_uid"]
+    assert caller.extra["serviceaccount_uid"]
     # The wire request is a real TokenReview with our audiences.
     body = api.last_body
     assert body is not None
