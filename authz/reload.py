@@ -1,0 +1,431 @@
+"""Hot reload: watch the policy directory, build the new engine off to the side, swap.
+
+Why the directory and not the files: a mounted ConfigMap is updated by writing a new
+``..<timestamp>/`` directory and atomically renaming a new ``..data`` symlink over the old
+one; the visible ``model.conf`` is a symlink ``model.conf -> ..data/model.conf`` whose own
+inode never changes, so a watch on the file paths sees nothing. Editors write a temp file
+and rename it over the original (a new inode again); shell redirects write in place. A
+watch on the directory sees all three. inotify can still miss events on some network and
+overlay mounts, so a slow poll compares a content fingerprint as a fallback.
+
+Why nothing waits: loading, validating and testing happen in this module's thread (or a
+worker thread of the caller's event loop), never under a lock a decision takes. The swap
+is one reference assignment in ``PolicyState.swap``; a decision that read ``state.engine``
+before it finishes on that engine. Reloads are serialised by our own lock, so two triggers
+(an event and ``POST /v1/reload``) never race to swap.
+
+Why last good wins: a candidate that does not parse, validate, or pass the directory's own
+policy tests is recorded as a failure (``state.last_error``, counted, logged) and the
+serving engine is untouched. A directory that vanishes or empties is treated the same way:
+the last good revision keeps serving and an outcome says so.
+
+Reads resolve ``..data`` once per load, so the model and the policy always come from the
+same ConfigMap generation even if a swap lands between the two reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import watchfiles
+
+from authz.engine import Engine, build_engine
+from authz.policy import MODEL_FILE, POLICY_FILE, Policy, load_policy_dir
+from authz.policytests import failure_error, find_test_files, load_cases, run_cases
+from authz.state import LoadOutcome, PolicyState
+from citadel.errors import PolicyError
+from citadel.logs import get_logger
+
+__all__ = ["ReloadOutcome", "Reloader", "initial_state", "load_candidate", "resolve_dir"]
+
+log = get_logger("authz.reload")
+
+DATA_LINK = "..data"
+_MISSING = "missing"
+_EMPTY = "empty"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome(LoadOutcome):
+    """A LoadOutcome plus what the reloader did about it (for ``POST /v1/reload``)."""
+
+    #: True when a new revision was swapped in.
+    changed: bool = False
+    #: Human note: "unchanged", "directory missing, still serving ...", ...
+    note: str | None = None
+    #: What triggered it: "explicit", "watch", "poll", "start".
+    trigger: str = "explicit"
+
+    def as_dict(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def resolve_dir(policy_dir: str | Path) -> Path:
+    """The directory to read one consistent generation from (``..data``'s target if any)."""
+    d = Path(policy_dir)
+    data = d / DATA_LINK
+    if data.is_symlink() or data.is_dir():
+        with contextlib.suppress(OSError):
+            return Path(os.path.realpath(data))
+    return d
+
+
+def _dir_state(policy_dir: Path) -> str | None:
+    """``missing``/``empty`` when there is nothing to load, else None."""
+    if not policy_dir.is_dir():
+        return _MISSING
+    if not (policy_dir / MODEL_FILE).exists() and not (policy_dir / POLICY_FILE).exists():
+        return _EMPTY
+    return None
+
+
+def fingerprint(policy_dir: str | Path) -> str:
+    """A cheap content hash of everything a load reads (model, policy, test files)."""
+    d = Path(policy_dir)
+    state = _dir_state(d)
+    if state:
+        return state
+    real = resolve_dir(d)
+    h = hashlib.sha256()
+    for path in [real / MODEL_FILE, real / POLICY_FILE, *find_test_files(real)]:
+        h.update(str(path.name).encode() + b"\0")
+        try:
+            h.update(path.read_bytes())
+        except OSError as exc:
+            h.update(f"<unreadable {type(exc).__name__}>".encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def load_candidate(policy_dir: str | Path, *, run_tests: bool = True) -> tuple[Policy, Engine]:
+    """Load, build and test a policy directory; raises PolicyError (with file/line) if bad.
+
+    A vanished ``..<timestamp>`` directory (Kubernetes deletes the old generation right
+    after the swap) is retried against the new ``..data`` target.
+    """
+    d = Path(policy_dir)
+    for attempt in range(3):
+        real = resolve_dir(d)
+        try:
+            return _load_from(real, source=str(d), run_tests=run_tests)
+        except PolicyError:
+            if attempt < 2 and resolve_dir(d) != real:
+                continue  # a swap landed while we read; read the new generation
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _load_from(real: Path, *, source: str, run_tests: bool) -> tuple[Policy, Engine]:
+    policy = dataclasses.replace(load_policy_dir(real), source=source)
+    try:
+        engine = build_engine(policy)
+    except PolicyError as exc:
+        if exc.file == MODEL_FILE and exc.line is None and "matcher" in exc.message.lower():
+            line = _matcher_line(policy.model_text)
+            raise PolicyError(exc.message, file=exc.file, line=line) from exc
+        raise
+    except Exception as exc:  # an engine bug must not take enforcement down
+        raise PolicyError(f"policy does not build: {type(exc).__name__}: {exc}") from exc
+    _probe(engine, policy)
+    if run_tests:
+        cases = load_cases(real)
+        if cases:
+            report = run_cases(engine, cases)
+            if not report.ok:
+                raise failure_error(report)
+    return policy, engine
+
+
+def _probe(engine: Engine, policy: Policy) -> None:
+    """One decision before serving: a matcher that cannot evaluate fails here, not live."""
+    try:
+        engine.decide("anonymous", "probe.citadel.invalid", "/", "GET")
+    except Exception as exc:
+        raise PolicyError(
+            f"policy cannot decide a request: {type(exc).__name__}: {exc}",
+            file=MODEL_FILE,
+            line=_matcher_line(policy.model_text),
+        ) from exc
+
+
+def _matcher_line(model_text: str) -> int | None:
+    """Line of the first matcher definition in model.conf (where such errors live)."""
+    in_matchers = False
+    for lineno, line in enumerate(model_text.splitlines(), start=1):
+        s = line.strip()
+        if s.startswith("["):
+            in_matchers = s == "[matchers]"
+        elif in_matchers and "=" in s and not s.startswith("#"):
+            return lineno
+    return None
+
+
+def initial_state(policy_dir: str | Path, *, run_tests: bool = True) -> PolicyState:
+    """The serving state at start-up; PolicyError (a clear message) when nothing valid."""
+    d = Path(policy_dir)
+    state = _dir_state(d)
+    if state == _MISSING:
+        raise PolicyError(f"policy directory {d} does not exist")
+    if state == _EMPTY:
+        raise PolicyError(f"policy directory {d} holds no {MODEL_FILE} or {POLICY_FILE}")
+    try:
+        _, engine = load_candidate(d, run_tests=run_tests)
+    except PolicyError as exc:
+        where = f"{exc.file}:{exc.line}: " if exc.file and exc.line else ""
+        where = where or (f"{exc.file}: " if exc.file else "")
+        raise PolicyError(
+            f"no valid policy in {d}: {where}{exc.message}", file=exc.file, line=exc.line
+        ) from exc
+    return PolicyState(engine, source=str(d))
+
+
+class Reloader:
+    """Keeps ``state`` serving the newest valid policy found in ``policy_dir``."""
+
+    def __init__(
+        self,
+        state: PolicyState,
+        policy_dir: str | Path,
+        *,
+        debounce: float = 0.2,
+        poll_interval: float = 5.0,
+        watch: bool = True,
+        run_tests: bool = True,
+        on_swap: Callable[[ReloadOutcome], None] | None = None,
+        on_failure: Callable[[ReloadOutcome], None] | None = None,
+        name: str = "policy",
+    ) -> None:
+        self.state = state
+        self.policy_dir = Path(policy_dir)
+        self.debounce = debounce
+        self.poll_interval = poll_interval
+        #: False: poll only (for mounts where inotify never fires).
+        self.watch = watch
+        self.run_tests = run_tests
+        self.on_swap = on_swap
+        self.on_failure = on_failure
+        self.name = name
+        self._lock = threading.Lock()  # one reload at a time; decisions never take it
+        self._last_fp: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Counters and gauges for /metrics (monotonic counts unless noted).
+        self.watch_events = 0
+        self.polls = 0
+        self.noops = 0
+        self.attempts = 0
+        self.last_duration_s = 0.0  # gauge
+        self.directory_missing = False  # gauge
+        self.last_outcome: ReloadOutcome | None = None
+
+    # ----------------------------------------------------------- reloading
+
+    def reload_now(self, *, trigger: str = "explicit") -> ReloadOutcome:
+        """Load the directory now (synchronously) and swap if it is new and valid."""
+        with self._lock:
+            return self._reload_locked(trigger, fingerprint(self.policy_dir))
+
+    def check(self, *, trigger: str = "poll") -> ReloadOutcome | None:
+        """Reload only if the content changed since the last attempt (watch/poll path)."""
+        with self._lock:
+            fp = fingerprint(self.policy_dir)
+            if fp == self._last_fp:
+                return None
+            return self._reload_locked(trigger, fp)
+
+    def _reload_locked(self, trigger: str, fp: str) -> ReloadOutcome:
+        self.attempts += 1
+        self._last_fp = fp
+        t0 = time.perf_counter()
+        serving = self.state.revision
+        if fp in (_MISSING, _EMPTY):
+            self.directory_missing = True
+            what = "does not exist" if fp == _MISSING else "is empty"
+            err = PolicyError(
+                f"policy directory {self.policy_dir} {what}; still serving revision {serving}"
+            )
+            return self._failed(err, t0, trigger, note=f"directory {fp}, kept {serving}")
+        self.directory_missing = False
+        try:
+            policy, engine = load_candidate(self.policy_dir, run_tests=self.run_tests)
+        except PolicyError as exc:
+            return self._failed(exc, t0, trigger, note=f"refused, kept {serving}")
+        duration = time.perf_counter() - t0
+        self.last_duration_s = duration
+        if engine.revision == serving:
+            self.noops += 1
+            out = ReloadOutcome(
+                at=time.time(),
+                ok=True,
+                revision=serving,
+                duration_s=duration,
+                rules=len(policy.rows),
+                changed=False,
+                note="unchanged",
+                trigger=trigger,
+            )
+            self.last_outcome = out
+            return out
+        self.state.swap(engine, duration_s=duration, rules=len(policy.rows))
+        out = ReloadOutcome(
+            at=self.state.loaded_at,
+            ok=True,
+            revision=engine.revision,
+            duration_s=duration,
+            rules=len(policy.rows),
+            changed=True,
+            note=f"swapped {serving} -> {engine.revision}",
+            trigger=trigger,
+        )
+        self.last_outcome = out
+        log.info(
+            "policy swapped",
+            policy=self.name,
+            old=serving,
+            new=engine.revision,
+            rules=len(policy.rows),
+            kind=getattr(engine, "kind", "?"),
+            duration_ms=round(duration * 1000, 2),
+            trigger=trigger,
+        )
+        self._callback(self.on_swap, out)
+        return out
+
+    def _failed(self, exc: PolicyError, t0: float, trigger: str, *, note: str) -> ReloadOutcome:
+        duration = time.perf_counter() - t0
+        base = self.state.record_failure(exc, duration_s=duration)
+        out = ReloadOutcome(
+            at=base.at,
+            ok=False,
+            error=base.error,
+            file=base.file,
+            line=base.line,
+            duration_s=duration,
+            changed=False,
+            note=note,
+            trigger=trigger,
+        )
+        self.last_outcome = out
+        log.warning(
+            "policy reload refused; last good keeps serving",
+            policy=self.name,
+            serving=self.state.revision,
+            error=exc.message,
+            file=exc.file,
+            line=exc.line,
+            trigger=trigger,
+        )
+        self._callback(self.on_failure, out)
+        return out
+
+    def _callback(self, fn: Callable[[ReloadOutcome], None] | None, out: ReloadOutcome) -> None:
+        if fn is None:
+            return
+        try:
+            fn(out)
+        except Exception as exc:  # a hook must never undo or block a reload
+            log.warning("reload hook failed", policy=self.name, error=repr(exc))
+
+    # ----------------------------------------------------------- watching
+
+    def start(self) -> Reloader:
+        """Watch in a daemon thread (idempotent)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._watch_loop, name=f"reloader-{self.name}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    async def run(self) -> None:
+        """An asyncio task: watches until cancelled (the work runs in a thread)."""
+        self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.to_thread(self.stop)
+
+    def _watch_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.watch and self.policy_dir.is_dir():
+                    self._watch_dir()
+                else:
+                    self._tick("poll")
+                    self._stop.wait(
+                        self.poll_interval if not self.watch else min(self.poll_interval, 1.0)
+                    )
+            except Exception as exc:  # never let the watcher die; fall back to polling
+                log.warning("policy watch failed; polling", policy=self.name, error=repr(exc))
+                self._stop.wait(min(self.poll_interval, 1.0))
+                self._tick("poll")
+
+    def _watch_dir(self) -> None:
+        """Watch until stopped or the directory itself is replaced or removed."""
+        ino = self.policy_dir.stat().st_ino
+        self._tick("poll")  # catch anything that changed before the watch began
+        last_poll = time.monotonic()
+        first = True  # and, on the first wake-up, anything that changed while it began
+        for changes in watchfiles.watch(
+            self.policy_dir,
+            watch_filter=None,
+            debounce=max(int(self.debounce * 1000), 1),
+            step=min(50, max(int(self.debounce * 1000), 1)),
+            stop_event=self._stop,
+            rust_timeout=max(int(min(self.poll_interval, 1.0) * 1000), 50),
+            yield_on_timeout=True,
+            raise_interrupt=False,
+        ):
+            if changes:
+                self.watch_events += len(changes)
+                self._tick("watch")
+            if first or time.monotonic() - last_poll >= self.poll_interval:
+                first = False
+                last_poll = time.monotonic()
+                self._tick("poll")
+            try:
+                if self.policy_dir.stat().st_ino != ino:
+                    return  # replaced: watch the new one
+            except FileNotFoundError:
+                return
+
+    def _tick(self, trigger: str) -> None:
+        if trigger == "poll":
+            self.polls += 1
+        try:
+            self.check(trigger=trigger)
+        except Exception as exc:
+            log.warning("policy check failed", policy=self.name, error=repr(exc))
+
+    # ----------------------------------------------------------- metrics
+
+    def metrics(self) -> dict[str, Any]:
+        """Figures for the admin /metrics endpoint (names without a prefix)."""
+        return {
+            "reloads_ok": self.state.reloads_ok,
+            "reloads_failed": self.state.reloads_failed,
+            "reload_attempts": self.attempts,
+            "reload_noops": self.noops,
+            "watch_events": self.watch_events,
+            "polls": self.polls,
+            "last_reload_duration_seconds": self.last_duration_s,
+            "directory_missing": int(self.directory_missing),
+            "revision": self.state.revision,
+        }
