@@ -71,7 +71,7 @@ def test_concurrent_reader_never_sees_a_mixed_set(tmp_path):
 
     t = threading.Thread(target=reader)
     t.start()
-    for i in range(1, 300):
+    for i in range(1, 120):
         write_set(tmp_path, _set(i))
     stop.set()
     t.join()
