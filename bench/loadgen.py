@@ -52,6 +52,7 @@ __all__ = [
     "ServerProcess",
     "check_payload",
     "free_port",
+    "group_cpu_seconds",
     "percentile",
     "run_load",
     "wait_for_check",
@@ -358,6 +359,23 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by every live process in a process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields[2] is pgrp (field 5 of stat)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def wait_for_check(target: str, payload: bytes, *, timeout: float = 30.0) -> None:

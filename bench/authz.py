@@ -1,0 +1,259 @@
+"""Check service throughput and latency vs a trivial servicer and plain pycasbin, one run.
+
+Issue 3's "done when" and issue 7 target 2. For policies of 10, 1,000 and 10,000 rules
+(1,000 role assignments each), ``citadel authz serve`` runs in its own process with the
+audit log ON (to a file), and the load generator (its own process) offers 500, 1,000 and
+2,000 rps open loop (latency from each request's due time, so queueing counts), then finds
+the closed-loop maximum at 16 in flight. The same loads hit the trivial always-OK
+servicer (``bench/trivial_authz.py``) in the same run, and plain pycasbin ``enforce()`` is
+timed in process on the same requests. Every request is a distinct path (about half
+allowed), so a decision cache sees misses.
+
+Prints one JSON object: every figure, the baselines, the ratios, targets met or not, and
+``cpu_count``. ``--quick`` shortens every run (a smoke test, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# bench/authz.py must not shadow the ``authz`` package: keep this directory last on the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+
+import loadgen  # noqa: E402
+
+import policies  # noqa: E402
+
+RULE_SIZES = (10, 1000, 10000)
+RATES = (500, 1000, 2000)
+TARGET_RATIO = 0.80
+TARGET_P99_MS = 2.0
+
+
+def count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as fh:
+        return sum(1 for _ in fh)
+
+
+def citadel_cmd() -> list[str]:
+    """How to run ``citadel``; ``CITADEL_BENCH_CMD`` overrides (e.g. an installed build)."""
+    override = os.environ.get("CITADEL_BENCH_CMD")
+    return override.split() if override else [sys.executable, "-m", "citadel.cli"]
+
+
+def payloads_for(policy: policies.GeneratedPolicy, n: int) -> list[bytes]:
+    out = []
+    for i, (sub, dom, obj, act) in enumerate(policies.requests(policy, n)):
+        out.append(
+            loadgen.check_payload(
+                principal="" if sub == "anonymous" else sub,
+                host=dom,
+                method=act,
+                path=obj,
+                headers={
+                    "x-request-id": f"bench-{i:06d}",
+                    "traceparent": f"00-{i:032x}-{i:016x}-01",
+                    "authorization": "Bearer never-logged",
+                },
+            )
+        )
+    return out
+
+
+def pycasbin_rate(policy_dir: Path, tuples: list[tuple[str, str, str, str]], budget_s: float):
+    """Plain pycasbin ``enforce()`` decisions/s in this process (the reference engine)."""
+    import casbin
+
+    enforcer = casbin.Enforcer(str(policy_dir / "model.conf"), str(policy_dir / "policy.csv"))
+    done = 0
+    allowed = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < budget_s and done < len(tuples):
+        allowed += bool(enforcer.enforce(*tuples[done]))
+        done += 1
+    elapsed = time.perf_counter() - start
+    return {"decisions": done, "allowed": allowed, "rate_per_s": round(done / elapsed, 1)}
+
+
+def load_series(target: str, payloads: list[bytes], args: argparse.Namespace, pgid: int):
+    """Fixed offered loads, then the closed-loop maximum; server CPU per request too."""
+    runs: dict[str, dict] = {}
+    specs: list[tuple[str, float | None]] = [(f"rate_{r}", float(r)) for r in args.rates]
+    specs.append(("max", None))
+    for name, rate in specs:
+        cpu0 = loadgen.group_cpu_seconds(pgid)
+        result = loadgen.run_load(
+            loadgen.LoadSpec(
+                target=target,
+                payloads=payloads,
+                rate=rate,
+                concurrency=64 if rate else args.concurrency,
+                duration=args.duration,
+                warmup=args.warmup,
+            )
+        )
+        cpu = loadgen.group_cpu_seconds(pgid) - cpu0
+        d = result.as_dict()
+        sent = result.requests + result.errors
+        # Server CPU over the whole run (warm-up included), per measured request: an estimate.
+        total = sent * (args.warmup + args.duration) / args.duration if sent else 0
+        d["server_cpu_us_per_request"] = round(cpu / total * 1e6, 1) if total else None
+        runs[name] = d
+        print(
+            f"  {name:>9}: {result.achieved_rps:8.1f} rps  p50 {result.p50_ms:7.3f} ms  "
+            f"p99 {result.p99_ms:7.3f} ms  errors {result.errors}  dropped {result.dropped}",
+            file=sys.stderr,
+        )
+    return runs
+
+
+def run(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="citadel-bench-authz-"))
+    out: dict = {
+        "bench": "authz",
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "params": {
+            "rates": list(args.rates),
+            "rules": list(args.rules),
+            "role_assignments": 1000,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "closed_loop_in_flight": args.concurrency,
+            "distinct_requests": args.requests,
+            "audit": "on, to a file",
+            "quick": args.quick,
+        },
+        "pycasbin_enforce": {},
+        "trivial": {},
+        "citadel": {},
+    }
+    generated = {n: policies.generate(n) for n in args.rules}
+    for n, pol in generated.items():
+        d = policies.write_policy_dir(work / f"rules{n}", pol)
+        tuples = policies.requests(pol, args.requests)
+        out["pycasbin_enforce"][str(n)] = pycasbin_rate(d, tuples, args.pycasbin_budget)
+        print(f"pycasbin enforce, {n} rules: {out['pycasbin_enforce'][str(n)]}", file=sys.stderr)
+
+    payloads = {n: payloads_for(pol, args.requests) for n, pol in generated.items()}
+    probe = payloads[args.rules[0]][0]
+
+    print("trivial servicer", file=sys.stderr)
+    port = loadgen.free_port()
+    target = f"127.0.0.1:{port}"
+    with loadgen.ServerProcess(
+        [sys.executable, str(_HERE / "trivial_authz.py"), "--listen", target],
+        name="trivial",
+        log_dir=work,
+    ) as server:
+        loadgen.wait_for_check(target, probe)
+        out["trivial"] = load_series(target, payloads[max(args.rules)], args, server.pid)
+
+    for n in args.rules:
+        print(f"citadel, {n} rules", file=sys.stderr)
+        port, admin = loadgen.free_port(), loadgen.free_port()
+        target = f"127.0.0.1:{port}"
+        audit_path = work / f"audit-{n}.jsonl"
+        argv = [
+            *citadel_cmd(), "authz", "serve",
+            "--policy-dir", str(work / f"rules{n}"),
+            "--listen", target,
+            "--admin-listen", f"127.0.0.1:{admin}",
+            "--audit-log", str(audit_path),
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        with loadgen.ServerProcess(argv, name=f"citadel-{n}", log_dir=work) as server:
+            try:
+                loadgen.wait_for_check(target, probe, timeout=120)
+            except TimeoutError:
+                server.check_alive()
+                raise
+            startup = time.perf_counter() - t0
+            runs = load_series(target, payloads[n], args, server.pid)
+            server.check_alive()
+        audit_lines = count_lines(audit_path)
+        out["citadel"][str(n)] = {
+            "startup_s": round(startup, 2),
+            "audit_records": audit_lines,
+            "runs": runs,
+        }
+
+    # Ratios against the trivial servicer, measured above in this same run.
+    trivial_max = out["trivial"]["max"]["achieved_rps"]
+    ratios = {}
+    for n in args.rules:
+        runs = out["citadel"][str(n)]["runs"]
+        ratios[str(n)] = {
+            "max_rps": runs["max"]["achieved_rps"],
+            "trivial_max_rps": trivial_max,
+            "throughput_ratio": round(runs["max"]["achieved_rps"] / trivial_max, 3)
+            if trivial_max
+            else None,
+            "vs_pycasbin_in_process": round(
+                runs["max"]["achieved_rps"] / out["pycasbin_enforce"][str(n)]["rate_per_s"], 1
+            ),
+        }
+        if "rate_1000" in runs:
+            ratios[str(n)]["p99_ms_at_1000"] = runs["rate_1000"]["p99_ms"]
+            ratios[str(n)]["trivial_p99_ms_at_1000"] = out["trivial"]["rate_1000"]["p99_ms"]
+    out["ratios"] = ratios
+    big = str(max(args.rules))
+    if big in ratios:
+        r = ratios[big]
+        out["targets"] = {
+            "throughput_ratio_vs_trivial": {
+                "rules": int(big),
+                "value": r["throughput_ratio"],
+                "target": f">= {TARGET_RATIO}",
+                "met": r["throughput_ratio"] is not None and r["throughput_ratio"] >= TARGET_RATIO,
+            },
+        }
+        if "p99_ms_at_1000" in r:
+            out["targets"]["p99_ms_at_1000_rps"] = {
+                "rules": int(big),
+                "value": r["p99_ms_at_1000"],
+                "baseline_trivial": r["trivial_p99_ms_at_1000"],
+                "target": f"<= {TARGET_P99_MS}",
+                "met": r["p99_ms_at_1000"] <= TARGET_P99_MS,
+            }
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rules", type=lambda s: [int(x) for x in s.split(",")], default=RULE_SIZES)
+    p.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")], default=RATES)
+    p.add_argument("--duration", type=float, default=4.0)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--concurrency", type=int, default=16, help="closed-loop in flight")
+    p.add_argument("--requests", type=int, default=2000, help="distinct requests cycled")
+    p.add_argument("--pycasbin-budget", type=float, default=2.0, help="seconds per policy")
+    p.add_argument("--quick", action="store_true", help="short runs: a smoke test")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.pycasbin_budget, args.requests = 1.0, 0.3, 0.3, 300
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
