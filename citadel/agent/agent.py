@@ -86,6 +86,7 @@ class Agent:
         self.bundle_sequence: int | None = None
         self.bundle_refresh_hint: float = 0.0
         self.renew_at: datetime | None = None
+        self.valid_from: datetime | None = None
         self.renewals = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -164,9 +165,12 @@ class Agent:
         self.svid = svid
         self.store.set_bundle(bundle_pem=bundle_pem)
         self.store.set_certificate(chain_pem=svid.chain_pem(), key_pem=svid.key_pem())
-        self.renew_at = self.config.renewal.renew_at(svid.not_before, svid.not_after, rng=self._rng)
+        # The life that counts starts when we got it: CAs backdate NotBefore (Istio by
+        # 2 min), and half of a backdated short lifetime can already be in the past.
+        self.valid_from = max(svid.not_before, min(self._clock(), svid.not_after))
+        self.renew_at = self.config.renewal.renew_at(self.valid_from, svid.not_after, rng=self._rng)
         self.scheduled_fractions.append(
-            (self.renew_at - svid.not_before).total_seconds() / svid.lifetime_seconds
+            (self.renew_at - self.valid_from) / (svid.not_after - self.valid_from)
         )
         _log.info(
             "certificate published",
@@ -303,7 +307,9 @@ class Agent:
             reason = "no certificate yet"
         elif svid.expired(now):
             at_risk, reason = True, "certificate expired"
-        elif now >= self.config.renewal.at_risk_at(svid.not_before, svid.not_after):
+        elif now >= self.config.renewal.at_risk_at(
+            self.valid_from or svid.not_before, svid.not_after
+        ):
             at_risk, reason = True, "renewal overdue"
         return {
             "ready": ready,
