@@ -37,8 +37,8 @@ from typing import Any
 
 import yaml
 
+from authz.decisions import explain_request
 from authz.engine import Engine
-from authz.request import Refused
 from authz.request import request_tuple as _service_tuple
 from citadel.errors import CitadelError, PolicyError
 
@@ -249,22 +249,19 @@ def _parse_case(item: Any, file: str, line: int, seen: set[str]) -> PolicyCase:
 
 
 def run_case(engine: Engine, case: PolicyCase) -> CaseResult:
+    """Decide one case through the live service's own explain path (same mapping, engine)."""
     t0 = time.perf_counter()
-    try:
-        tup = request_tuple(case.principal, case.host, case.method, case.path)
-    except Refused as exc:
-        return CaseResult(case, "deny", None, (), None, refused=f"{exc.code}: {exc.message}")
-    decision = engine.decide(*tup)
-    try:
-        roles = tuple(engine.roles_for(tup[0], tup[1]))
-    except Exception:  # the explanation is a courtesy; never fail a case over it
-        roles = ()
+    ex = explain_request(
+        engine, principal=case.principal, host=case.host, method=case.method, path=case.path
+    )
+    tup = (ex.tuple.sub, ex.tuple.dom, ex.tuple.obj, ex.tuple.act) if ex.tuple else None
     return CaseResult(
         case,
-        "allow" if decision.allowed else "deny",
-        decision.rule,
-        roles,
+        "allow" if ex.allowed else "deny",
+        ex.rule,
+        ex.roles,
         tup,
+        refused=None if tup else f"{ex.code}: {ex.reason}",
         duration_s=time.perf_counter() - t0,
     )
 
