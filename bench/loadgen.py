@@ -35,9 +35,12 @@ import json
 import math
 import multiprocessing
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from array import array
 from collections import Counter
@@ -53,7 +56,9 @@ __all__ = [
     "check_payload",
     "free_port",
     "group_cpu_seconds",
+    "h2load_path",
     "percentile",
+    "run_h2load",
     "run_load",
     "wait_for_check",
 ]
@@ -349,6 +354,89 @@ def run_load(spec: LoadSpec) -> LoadResult:
         denied=outcome.get("denied", 0),
         error_kinds=dict(errors),
     )
+
+
+# ------------------------------------------------------------------ a C client (h2load)
+
+
+def h2load_path() -> str | None:
+    """nghttp2's ``h2load`` (Debian ``nghttp2-client``), or None when not installed."""
+    return shutil.which("h2load")
+
+
+def run_h2load(
+    target: str,
+    payload: bytes,
+    *,
+    connections: int = 8,
+    streams: int = 4,
+    duration: float = 5.0,
+    warmup: float = 1.0,
+    threads: int = 1,
+    method: str = CHECK_METHOD,
+) -> dict[str, object]:
+    """Closed-loop maximum with ``h2load`` speaking gRPC framing over h2c.
+
+    A C client costs the server's two cores a small fraction of what a Python client
+    does, which matters when the question is how far the *server* scales. It sends one
+    payload (so a decision cache sees hits), and it sees only HTTP statuses, not
+    ``grpc-status`` trailers: cross-check gRPC-level outcomes another way (audit count).
+    ``connections * streams`` requests are in flight.
+    """
+    exe = h2load_path()
+    if exe is None:
+        raise FileNotFoundError("h2load is not installed (apt-get install nghttp2-client)")
+    with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
+        body = Path(tmp) / "body"
+        body.write_bytes(b"\x00" + len(payload).to_bytes(4, "big") + payload)
+        log = Path(tmp) / "log"
+        argv = [
+            exe,
+            f"--clients={connections}",
+            f"--max-concurrent-streams={streams}",
+            f"--threads={threads}",
+            f"--duration={max(1, round(duration))}",
+            f"--warm-up-time={max(1, round(warmup * 1000))}ms",
+            f"--data={body}",
+            "--header=content-type: application/grpc",
+            "--header=te: trailers",
+            f"--log-file={log}",
+            f"http://{target}{method}",
+        ]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + warmup + 60)
+        lat_ms: list[float] = []
+        statuses: Counter[str] = Counter()
+        if log.exists():
+            for line in log.read_text().splitlines():
+                parts = line.split("\t")
+                if len(parts) == 3:
+                    statuses[parts[1]] += 1
+                    lat_ms.append(int(parts[2]) / 1000.0)
+    lat_ms.sort()
+    summary = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", proc.stdout)
+    counts = re.search(
+        r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        proc.stdout,
+    )
+    if proc.returncode != 0 or summary is None or counts is None:
+        raise RuntimeError(f"h2load failed ({proc.returncode}): {proc.stderr[-500:]}")
+    succeeded, failed, errored, timeouts = (int(counts.group(i)) for i in (3, 4, 5, 6))
+    non_200 = sum(v for k, v in statuses.items() if k != "200")
+    return {
+        "client": "h2load",
+        "mode": "closed",
+        "achieved_rps": float(summary.group(1)),
+        "requests": succeeded,
+        "errors": failed + errored + timeouts + non_200,
+        "connections": connections,
+        "concurrency": connections * streams,
+        "duration_s": duration,
+        "p50_ms": round(percentile(lat_ms, 50), 3),
+        "p90_ms": round(percentile(lat_ms, 90), 3),
+        "p99_ms": round(percentile(lat_ms, 99), 3),
+        "max_ms": round(lat_ms[-1], 3) if lat_ms else 0.0,
+    }
 
 
 # ------------------------------------------------------------------ servers under test
