@@ -1,7 +1,145 @@
-"""`citadel authz ...` commands."""
+"""`citadel authz ...` commands: thin wrappers over authz.server and authz.decisions."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from authz.decisions import explain_request
+from authz.loading import load_engine
+from authz.server import DEFAULT_MAX_MESSAGE_BYTES, AuthzConfig, start_authz
+from citadel.errors import ConfigError, PolicyError
+from citadel.logs import configure_logging, get_logger
 
 app = typer.Typer(no_args_is_help=True, help="The ext_authz decision service.")
+
+PolicyDir = Annotated[
+    Path,
+    typer.Option("--policy-dir", help="Directory with model.conf and policy.csv."),
+]
+
+
+def policy_error_text(exc: PolicyError, policy_dir: Path) -> str:
+    where = ""
+    if exc.file:
+        where = f"{policy_dir / exc.file}" + (f":{exc.line}" if exc.line else "") + ": "
+    return f"{where}{exc.message}"
+
+
+async def _serve(config: AuthzConfig) -> None:
+    running = await start_authz(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    get_logger("authz").info("draining", grace_s=config.grace_s)
+    await running.stop()
+
+
+@app.command("serve")
+def serve(
+    policy_dir: PolicyDir,
+    listen: Annotated[str, typer.Option(help="gRPC ext_authz listener HOST:PORT.")] = (
+        "127.0.0.1:9191"
+    ),
+    admin_listen: Annotated[
+        str, typer.Option(help="Admin HTTP listener HOST:PORT (health, metrics, explain).")
+    ] = "127.0.0.1:9192",
+    audit_log: Annotated[str, typer.Option(help="Audit file, or - for stdout.")] = "-",
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Server key (PEM).")] = None,
+    client_ca: Annotated[
+        Path | None, typer.Option(help="Require client certificates signed by this CA (mTLS).")
+    ] = None,
+    trust_xfcc: Annotated[
+        bool,
+        typer.Option(help="HTTP variant: take the principal from x-forwarded-client-cert URI="),
+    ] = False,
+    http_prefix: Annotated[
+        str, typer.Option(help="Path prefix of Envoy's HTTP ext_authz variant.")
+    ] = "/ext_authz",
+    max_message_bytes: Annotated[
+        int, typer.Option(help="Largest CheckRequest accepted.")
+    ] = DEFAULT_MAX_MESSAGE_BYTES,
+    grace: Annotated[float, typer.Option(help="Seconds in-flight checks get on SIGTERM.")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Serve envoy.service.auth.v3.Authorization/Check plus the admin HTTP app.
+
+    Exits 2 without listening if the policy, TLS files, audit log or ports are unusable;
+    exits 0 after draining on SIGTERM.
+    """
+    configure_logging(level=log_level)
+    config = AuthzConfig(
+        policy_dir=policy_dir,
+        listen=listen,
+        admin_listen=admin_listen,
+        audit_log=audit_log,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        client_ca=client_ca,
+        trust_xfcc=trust_xfcc,
+        http_prefix=http_prefix,
+        max_message_bytes=max_message_bytes,
+        grace_s=grace,
+    )
+    err = Console(stderr=True)
+    try:
+        asyncio.run(_serve(config))
+    except PolicyError as exc:
+        err.print(f"[red]error:[/] policy refused: {policy_error_text(exc, policy_dir)}")
+        raise typer.Exit(2) from None
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {exc.message}")
+        raise typer.Exit(2) from None
+
+
+@app.command("check")
+def check(
+    policy_dir: PolicyDir,
+    principal: Annotated[
+        str, typer.Option(help="Caller's SPIFFE ID as Envoy sends it; empty for anonymous.")
+    ] = "",
+    host: Annotated[str, typer.Option(help="Host (port and case are normalised).")] = "",
+    method: Annotated[str, typer.Option(help="HTTP method.")] = "GET",
+    path: Annotated[str, typer.Option(help="Raw request path, query allowed.")] = "/",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead.")] = False,
+) -> None:
+    """Decide one request against a policy directory and say why.
+
+    Exit 0 allow, 1 deny, 2 bad input or an invalid policy.
+    """
+    out, err = Console(), Console(stderr=True)
+    try:
+        engine = load_engine(policy_dir).engine
+    except PolicyError as exc:
+        err.print(f"[red]error:[/] policy refused: {policy_error_text(exc, policy_dir)}")
+        raise typer.Exit(2) from None
+    result = explain_request(engine, principal=principal, host=host, method=method, path=path)
+    bad_input = result.tuple is None and result.code in ("method_invalid", "host_invalid")
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+    else:
+        verdict = "[bold green]ALLOW[/]" if result.allowed else "[bold red]DENY[/]"
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        table.add_row("decision", verdict)
+        if result.reason:
+            table.add_row("why", result.reason)
+        table.add_row("rule", ", ".join(result.rule) if result.rule else "(none matched)")
+        if result.tuple is not None:
+            t = result.tuple
+            table.add_row("tuple", f"sub={t.sub}  dom={t.dom}  obj={t.obj}  act={t.act}")
+            table.add_row("roles", ", ".join(result.roles) or "(none)")
+        table.add_row("policy", f"{result.revision} ({result.engine} engine)")
+        out.print(table)
+    if bad_input:
+        raise typer.Exit(2)
+    raise typer.Exit(0 if result.allowed else 1)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from authz.engine import Engine
 from authz.metrics import AuthzMetrics
 from authz.request import ANONYMOUS, Refused, RequestTuple, request_tuple
 from authz.state import PolicyState
@@ -26,7 +27,7 @@ from citadel.audit import AuditLog
 from citadel.errors import AuditError
 from citadel.logs import get_logger
 
-__all__ = ["AUDIT_KIND", "DecisionPipeline", "Outcome"]
+__all__ = ["AUDIT_KIND", "DecisionPipeline", "Explanation", "Outcome", "explain_request"]
 
 AUDIT_KIND = "authz.decision"
 RAW_CLIP = 256
@@ -215,3 +216,59 @@ class DecisionPipeline:
         if metrics is not None:
             metrics.count(fields["outcome"], outcome.code, latency_ns / 1e9)
         return outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """What an engine decides for a request and why, without enforcing or recording it."""
+
+    allowed: bool
+    code: str
+    reason: str | None
+    rule: tuple[str, ...] | None
+    revision: str
+    engine: str
+    roles: tuple[str, ...]
+    tuple: RequestTuple | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "decision": "allow" if self.allowed else "deny",
+            "allowed": self.allowed,
+            "code": self.code,
+            "reason": self.reason,
+            "rule": list(self.rule) if self.rule is not None else None,
+            "revision": self.revision,
+            "engine": self.engine,
+            "roles": list(self.roles),
+            "tuple": self.tuple.as_dict() if self.tuple is not None else None,
+        }
+
+
+def explain_request(
+    engine: Engine, *, principal: str, host: str, method: str, path: str
+) -> Explanation:
+    """The decision for ``/v1/explain`` and ``citadel authz check``: same mapping, same engine."""
+    try:
+        tup = request_tuple(principal=principal, host=host, method=method, path=path)
+    except Refused as refused:
+        return Explanation(
+            False, refused.code, refused.message, None, engine.revision, engine.kind, (), None
+        )
+    decision = engine.decide(tup.sub, tup.dom, tup.obj, tup.act)
+    if decision.allowed:
+        code, reason = "allow", None
+    elif decision.rule is None:
+        code, reason = "no_rule", NO_RULE
+    else:
+        code, reason = "deny_rule", DENY_RULE
+    return Explanation(
+        bool(decision.allowed),
+        code,
+        reason,
+        tuple(decision.rule) if decision.rule is not None else None,
+        decision.revision,
+        engine.kind,
+        tuple(sorted(engine.roles_for(tup.sub, tup.dom))),
+        tup,
+    )

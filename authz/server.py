@@ -1,0 +1,285 @@
+"""Wiring of the decision service: gRPC listener (TLS, limits, health, reflection) and the
+admin HTTP app in one process and one event loop.
+
+``start_authz`` is the in-process entry point (``citadel authz serve`` and ``citadel up``
+both use it); it returns a ``RunningAuthz`` with the bound ports and ``stop()``. Start-up
+fails closed and early, before anything listens: an invalid policy, an unopenable audit
+log, unreadable TLS files or a taken port raise ``ConfigError``/``PolicyError`` with a
+message naming the cause. ``stop()`` drains: health turns NOT_SERVING, new RPCs are
+refused, in-flight ones finish (up to the grace period), then the audit log is closed.
+
+SO_REUSEPORT is off unless asked for (``reuse_port``): grpc turns it on by default, which
+would let a second server silently share a port instead of failing to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from authz.admin import AdminApp, create_admin_app
+from authz.decisions import DecisionPipeline
+from authz.loading import initial_state
+from authz.metrics import AuthzMetrics
+from authz.service import SERVICE_NAME, AuthorizationServicer, generic_handler
+from authz.state import PolicyState
+from citadel.audit import AuditLog, open_audit_log
+from citadel.errors import ConfigError
+from citadel.logs import get_logger
+
+__all__ = ["AuthzConfig", "RunningAuthz", "parse_listen", "start_authz"]
+
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+_log = get_logger("authz.server")
+
+
+@dataclass
+class AuthzConfig:
+    policy_dir: Path
+    listen: str = "127.0.0.1:9191"
+    #: None: no admin HTTP listener (the gRPC service alone).
+    admin_listen: str | None = "127.0.0.1:9192"
+    #: "-" is stdout; None too. Ignored when an AuditLog is passed to start_authz.
+    audit_log: str | None = "-"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    trust_xfcc: bool = False
+    http_prefix: str = "/ext_authz"
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    grace_s: float = 10.0
+    reuse_port: bool = False
+    #: Checks queued before the server starts shedding them (CANCELLED, so Envoy denies).
+    max_pending: int = 10_000
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces); port 0 picks one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"listen address {value!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port)
+
+
+def _grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind_admin_socket(value: str) -> socket.socket:
+    host, port = parse_listen(value)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(f"cannot listen on {value} (admin): {why}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def _server_credentials(config: AuthzConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None and config.tls_key is None:
+        if config.client_ca is not None:
+            raise ConfigError("--client-ca needs --tls-cert and --tls-key")
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    cert = _read(config.tls_cert, "TLS certificate")
+    key = _read(config.tls_key, "TLS key")
+    ca = _read(config.client_ca, "client CA bundle") if config.client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the host process decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class RunningAuthz:
+    config: AuthzConfig
+    state: PolicyState
+    pipeline: DecisionPipeline
+    metrics: AuthzMetrics
+    audit: AuditLog
+    grpc_port: int
+    admin_port: int | None
+    admin_app: AdminApp | None
+    _server: grpc.aio.Server
+    _health: HealthServicer
+    _uvicorn: _EmbeddedUvicorn | None
+    _admin_task: asyncio.Task[None] | None
+    _owns_audit: bool
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: bool = False
+
+    @property
+    def serving(self) -> bool:
+        return not self._stopping
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; idempotent."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.config.grace_s if grace is None else grace
+        with contextlib.suppress(Exception):
+            await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        if self._uvicorn is not None and self._admin_task is not None:
+            self._uvicorn.should_exit = True
+            try:
+                await asyncio.wait_for(self._admin_task, timeout=grace + 1)
+            except (TimeoutError, asyncio.CancelledError):
+                self._admin_task.cancel()
+        if self._owns_audit:
+            self.audit.close()
+        self._stopped.set()
+        _log.info("authz stopped", records=self.audit.records_written)
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def start_authz(
+    config: AuthzConfig,
+    *,
+    state: PolicyState | None = None,
+    audit: AuditLog | None = None,
+    clock: Callable[[], float] = time.time,
+) -> RunningAuthz:
+    """Load the policy, bind both listeners, start serving; raise before listening on error."""
+    if state is None:
+        state = initial_state(config.policy_dir, clock=clock)  # PolicyError: fail closed
+    creds = _server_credentials(config)
+    owns_audit = audit is None
+    if audit is None:
+        try:
+            audit = open_audit_log(config.audit_log, name="authz", clock=clock)
+        except OSError as exc:
+            raise ConfigError(f"cannot open audit log {config.audit_log}: {exc}") from exc
+    cleanup: list[Callable[[], object]] = [audit.close] if owns_audit else []
+    try:
+        admin_sock = _bind_admin_socket(config.admin_listen) if config.admin_listen else None
+        if admin_sock is not None:
+            cleanup.append(admin_sock.close)
+        metrics = AuthzMetrics(state=state)
+        pipeline = DecisionPipeline(state=state, audit=audit, metrics=metrics)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+                # grpc-core cancels calls queued beyond these (randomly past the soft
+                # limit); Envoy bursts can exceed the defaults (1,000/3,000) on one loop.
+                ("grpc.server.max_pending_requests", config.max_pending),
+                ("grpc.server.max_pending_requests_hard_limit", config.max_pending * 2),
+            ]
+        )
+        server.add_generic_rpc_handlers((generic_handler(AuthorizationServicer(pipeline)),))
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )  # fmt: skip
+        host, port = parse_listen(config.listen)
+        address = _grpc_address(host, port)
+        try:
+            if creds is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, creds)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"cannot listen on {config.listen} (gRPC): address in use or not local"
+            ) from exc
+        if bound == 0:
+            raise ConfigError(f"cannot listen on {config.listen} (gRPC)")
+        await server.start()
+    except BaseException:
+        for fn in reversed(cleanup):
+            with contextlib.suppress(Exception):
+                fn()
+        raise
+
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    running = RunningAuthz(
+        config=config, state=state, pipeline=pipeline, metrics=metrics, audit=audit,
+        grpc_port=bound, admin_port=None, admin_app=None, _server=server, _health=health,
+        _uvicorn=None, _admin_task=None, _owns_audit=owns_audit,
+    )  # fmt: skip
+    if admin_sock is not None:
+        app = create_admin_app(
+            state=state,
+            pipeline=pipeline,
+            metrics=metrics,
+            ready=lambda: running.serving,
+            http_prefix=config.http_prefix,
+            trust_xfcc=config.trust_xfcc,
+        )
+        uv = _EmbeddedUvicorn(
+            uvicorn.Config(
+                app,
+                log_config=None,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=max(1, int(config.grace_s)),
+            )
+        )
+        running.admin_app = app
+        running.admin_port = admin_sock.getsockname()[1]
+        running._uvicorn = uv
+        running._admin_task = asyncio.create_task(uv.serve(sockets=[admin_sock]))
+        while not uv.started:
+            if running._admin_task.done():
+                await server.stop(0)
+                running._admin_task.result()
+                raise ConfigError("admin HTTP server did not start")
+            await asyncio.sleep(0.005)
+    _log.info(
+        "authz serving",
+        grpc=f"{host}:{running.grpc_port}",
+        admin=config.admin_listen
+        and f"{config.admin_listen.rpartition(':')[0]}:{running.admin_port}",
+        revision=state.revision,
+        engine=state.engine.kind,
+        tls=creds is not None,
+        mtls=config.client_ca is not None,
+    )
+    return running

@@ -1,0 +1,190 @@
+"""The ext_authz ``Authorization/Check`` servicer: thin, the pipeline injected.
+
+It only reads the wire: the peer principal Envoy set from the mTLS handshake (never a
+header: headers are whatever the caller chose to send), host, method and raw path, and
+the three allow-listed headers that let a decision be found from a trace. Everything else
+is the shared ``DecisionPipeline``. Requests are decoded by ``decode_check_request``
+instead of grpc's default deserializer so a malformed message (e.g. invalid UTF-8 in a
+string field) becomes an audited 400 denial rather than an anonymous INTERNAL error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, status_pb2
+
+from authz.decisions import DecisionPipeline, Outcome
+from authz.request import Refused, trace_id_from
+
+__all__ = [
+    "DECISION_HEADER",
+    "SERVICE_NAME",
+    "AuthorizationServicer",
+    "Undecodable",
+    "decode_check_request",
+    "generic_handler",
+]
+
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+DECISION_HEADER = "x-citadel-decision-id"
+_TRACE_HEADERS = ("x-request-id", "traceparent", "x-b3-traceid")
+_OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+_CheckRequest = external_auth_pb2.CheckRequest
+_CheckResponse = external_auth_pb2.CheckResponse
+
+
+class Undecodable:
+    """Stands in for a CheckRequest whose bytes did not parse."""
+
+    __slots__ = ("error", "size")
+
+    def __init__(self, size: int, error: str) -> None:
+        self.size = size
+        self.error = error
+
+
+def decode_check_request(data: bytes) -> _CheckRequest | Undecodable:
+    try:
+        return _CheckRequest.FromString(data)
+    except (DecodeError, ValueError) as exc:
+        return Undecodable(len(data), str(exc)[:200])
+
+
+def _allow(outcome: Outcome) -> _CheckResponse:
+    return _CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=DECISION_HEADER, value=outcome.decision_id),
+                    append_action=_OVERWRITE,
+                )
+            ]
+        ),
+    )
+
+
+def _deny(outcome: Outcome) -> _CheckResponse:
+    body = json.dumps(
+        {
+            "decision_id": outcome.decision_id,
+            "status": outcome.http_status,
+            "reason": outcome.reason,
+        }
+    )
+    bad_request = outcome.http_status == 400
+    return _CheckResponse(
+        status=status_pb2.Status(
+            code=code_pb2.INVALID_ARGUMENT if bad_request else code_pb2.PERMISSION_DENIED,
+            message=f"{outcome.reason} (decision {outcome.decision_id})",
+        ),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=outcome.http_status),  # type: ignore[arg-type]
+            headers=[
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key="content-type", value="application/json"),
+                    append_action=_OVERWRITE,
+                ),
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=DECISION_HEADER, value=outcome.decision_id),
+                    append_action=_OVERWRITE,
+                ),
+            ],
+            body=body,
+        ),
+    )
+
+
+def _trace_headers(http: Any) -> dict[str, str]:
+    """The allow-listed headers only; Envoy sends either ``headers`` or ``header_map``."""
+    found: dict[str, str] = {}
+    headers = http.headers
+    if headers:
+        for name in _TRACE_HEADERS:
+            value = headers.get(name)
+            if value:
+                found[name] = value
+    elif http.HasField("header_map"):
+        for hv in http.header_map.headers:
+            key = hv.key.lower()
+            if key in _TRACE_HEADERS:
+                found[key] = hv.value or hv.raw_value.decode("latin-1")
+    return found
+
+
+class AuthorizationServicer:
+    """``Check`` for Envoy; never raises, every outcome audited by the pipeline."""
+
+    def __init__(self, pipeline: DecisionPipeline) -> None:
+        self._pipeline = pipeline
+
+    async def Check(
+        self, request: _CheckRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> _CheckResponse:
+        started = time.perf_counter_ns()
+        pipeline = self._pipeline
+        try:
+            if isinstance(request, Undecodable):
+                outcome = pipeline.refuse(
+                    Refused(
+                        "malformed_request",
+                        "CheckRequest could not be decoded (malformed protobuf or invalid "
+                        "UTF-8 in a string field)",
+                        http_status=400,
+                    ),
+                    transport="grpc",
+                    started_ns=started,
+                )
+                return _deny(outcome)
+            attrs = request.attributes
+            principal = attrs.source.principal
+            if not attrs.request.HasField("http"):
+                outcome = pipeline.refuse(
+                    Refused(
+                        "missing_http_attributes",
+                        "CheckRequest has no HTTP attributes (is this Envoy's network filter?)",
+                        http_status=400,
+                    ),
+                    transport="grpc",
+                    started_ns=started,
+                    principal=principal,
+                )
+                return _deny(outcome)
+            http = attrs.request.http
+            extra = _trace_headers(http)
+            outcome = pipeline.decide(
+                principal=principal,
+                host=http.host,
+                method=http.method,
+                path=http.path,
+                transport="grpc",
+                started_ns=started,
+                request_id=extra.get("x-request-id"),
+                trace_id=trace_id_from(extra) if extra else None,
+            )
+            return _allow(outcome) if outcome.allowed else _deny(outcome)
+        except Exception:  # the pipeline never raises; this is the last line of fail-closed
+            outcome = Outcome(False, pipeline.new_id(), 403, "internal_error", "internal error")
+            return _deny(outcome)
+
+
+def generic_handler(servicer: AuthorizationServicer) -> grpc.GenericRpcHandler:
+    """``Check`` registered with the tolerant decoder (see the module docstring)."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                servicer.Check,
+                request_deserializer=decode_check_request,
+                response_serializer=_CheckResponse.SerializeToString,
+            )
+        },
+    )
