@@ -41,6 +41,7 @@ from citadel.spiffe import TrustDomain
 
 __all__ = [
     "DEFAULT_REFRESH_HINT",
+    "SERVICE_NAME",
     "Bundle",
     "BundleSource",
     "TrustBundleServicer",
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 DEFAULT_REFRESH_HINT = 300
+SERVICE_NAME = bundle_pb2.DESCRIPTOR.services_by_name["TrustBundleService"].full_name
 _log = get_logger("citadel.ca.bundle")
 _MAX_REQUEST_HEAD = 8192
 
