@@ -191,7 +191,11 @@ class AdminApp:
             if raw.startswith(self._prefix) and (
                 len(raw) == self._prefix_len or raw[self._prefix_len] == 0x2F
             ):
-                await self._ext_authz(scope, raw[self._prefix_len :], send)
+                try:
+                    await self._ext_authz(scope, raw[self._prefix_len :], send)
+                except Exception:  # fail closed: a bug here must read as a denial
+                    await send({"type": "http.response.start", "status": 403, "headers": []})
+                    await send({"type": "http.response.body", "body": b""})
                 return
         await self.api(scope, receive, send)
 
