@@ -1,0 +1,542 @@
+"""The compiled decision engine: a Casbin model and policy turned into indexes, once.
+
+pycasbin evaluates its matcher string against every policy row on every call. For the
+model family citadel ships (a conjunction of role/equality/pattern tests over the request
+tuple) the same answer comes from indexes built at load: each subject's role closure,
+then one index level per conjunct (exact dict, prefix list, segment trie, grouped
+regexes), ending in leaves that hold the first allow row and the first deny row of the
+rows that reach them. A decision walks a few small nodes and combines leaves with the
+policy effect exactly as ``casbin.effect.default_effectors`` does.
+
+``analyse`` reads the model with pycasbin's own parser (so names, comments and escaping
+are pycasbin's), validates the policy, and either returns what ``CompiledEngine`` needs
+or says why only pycasbin itself can decide this model (``fallback_reason``).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import re
+import sys
+from collections import deque
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from casbin import model as casbin_model
+from casbin import util as casbin_util
+from casbin.constant.constants import (
+    ALLOW_AND_DENY_EFFECT,
+    ALLOW_OVERRIDE_EFFECT,
+    DENY_OVERRIDE_EFFECT,
+    PRIORITY_EFFECT,
+    SUBJECT_PRIORITY_EFFECT,
+)
+from casbin.model.function import FunctionMap
+
+from authz.matchers import PATTERN_FUNCTIONS, Level, compile_pattern, make_level
+from citadel.errors import PolicyError
+
+if TYPE_CHECKING:
+    from authz.engine import Decision
+    from authz.policy import Policy
+
+__all__ = ["Analysis", "CompiledEngine", "Conjunct", "analyse"]
+
+MODEL_FILE = "model.conf"
+POLICY_FILE = "policy.csv"
+#: pycasbin's default RoleManager(10): ``has_link`` looks at most 9 links deep.
+MAX_HIERARCHY_LEVEL = 10
+DEFAULT_CACHE_SIZE = 65_536
+_NONE = sys.maxsize  # "no row" in a leaf; any real row index is smaller
+
+_SECTIONS = {
+    "r": "request_definition",
+    "p": "policy_definition",
+    "e": "policy_effect",
+    "m": "matchers",
+}
+_COMPILED_EFFECTS = (ALLOW_OVERRIDE_EFFECT, DENY_OVERRIDE_EFFECT, ALLOW_AND_DENY_EFFECT)
+_BUILTINS = frozenset(FunctionMap.load_function_map().get_functions())
+
+
+@dataclass(frozen=True, slots=True)
+class Conjunct:
+    """``func(r.<ri>, p.<pj>)``; for roles ``func`` is "g" and ``gkey`` names the role
+    definition, ``dom_ri`` the request field a domain role definition is looked up in."""
+
+    func: str
+    ri: int
+    pj: int
+    gkey: str | None = None
+    dom_ri: int | None = None
+
+
+@dataclass(slots=True)
+class Analysis:
+    """A validated model + policy, and whether the compiled engine can decide it."""
+
+    model: Any  # casbin.model.Model
+    r_tokens: list[str]
+    p_tokens: list[str]
+    effect: str
+    matcher: str
+    conjuncts: list[Conjunct] | None
+    fallback_reason: str | None
+    #: ptype "p" rows (values only) in policy order, with their csv lines.
+    p_rows: list[tuple[str, ...]] = field(default_factory=list)
+    p_lines: list[int | None] = field(default_factory=list)
+    #: role definition key -> its rows (values only), in policy order.
+    g_rows: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)
+    g_arity: dict[str, int] = field(default_factory=dict)
+
+
+def _rewrite(expr: str) -> str:
+    """pycasbin's ``_get_expression`` rewrite of a matcher into Python syntax."""
+    expr = expr.replace("&&", "and").replace("||", "or")
+    return re.sub(r"!(?!=)", "not ", expr)
+
+
+def _load_model(text: str) -> Any:
+    m = casbin_model.Model()
+    try:
+        m.load_model_from_text(text)
+    except Exception as exc:  # pycasbin's config parser raises bare exceptions
+        raise PolicyError(f"model does not parse: {exc}", file=MODEL_FILE) from exc
+    for sec, name in _SECTIONS.items():
+        if m[sec] is None or sec not in m[sec]:
+            raise PolicyError(f"model has no [{name}] with '{sec} = ...'", file=MODEL_FILE)
+    return m
+
+
+def analyse(policy: Policy, *, extra_functions: Collection[str] = ()) -> Analysis:
+    """Validate ``policy`` completely and decide whether it compiles.
+
+    Raises PolicyError (with file and line where known) for anything pycasbin would
+    refuse or fail on at request time, so the reload path can keep the last good policy.
+    """
+    m = _load_model(policy.model_text)
+    r_tokens = list(m["r"]["r"].tokens)
+    if len(r_tokens) != 4:
+        raise PolicyError(
+            "request definition must take exactly 4 values (sub, dom, obj, act), "
+            f"got {len(r_tokens)}: r = {m['r']['r'].value}",
+            file=MODEL_FILE,
+        )
+    p_tokens = list(m["p"]["p"].tokens)
+    effect = m["e"]["e"].value
+    reasons: list[str] = []
+    if effect in (PRIORITY_EFFECT, SUBJECT_PRIORITY_EFFECT):
+        reasons.append(f"priority effect {effect!r}")
+    elif effect not in _COMPILED_EFFECTS:
+        raise PolicyError(f"unsupported policy effect {effect!r}", file=MODEL_FILE)
+    if "p_priority" in p_tokens:
+        reasons.append("policy definition has a priority column")
+
+    g_arity: dict[str, int] = {}
+    for gkey, assertion in (m["g"] or {}).items():
+        count = assertion.value.count("_")
+        if count < 2:
+            raise PolicyError(
+                f"role definition {gkey} = {assertion.value} needs at least two '_'",
+                file=MODEL_FILE,
+            )
+        if assertion.params_tokens:
+            reasons.append(f"conditional role definition {gkey}")
+        elif count > 3:
+            reasons.append(f"role definition {gkey} with {count} fields")
+        g_arity[gkey] = count
+
+    matcher = m["m"]["m"].value
+    functions = set(_BUILTINS) | set(g_arity) | set(extra_functions)
+    conjuncts, reason = _analyse_matcher(matcher, r_tokens, p_tokens, functions, g_arity, m)
+    if reason:
+        reasons.append(reason)
+    if extra_functions:
+        reasons.append("custom functions " + ", ".join(sorted(extra_functions)))
+
+    analysis = Analysis(
+        model=m,
+        r_tokens=r_tokens,
+        p_tokens=p_tokens,
+        effect=effect,
+        matcher=matcher,
+        conjuncts=None if reasons else conjuncts,
+        fallback_reason="; ".join(reasons) or None,
+        g_arity=g_arity,
+    )
+    _load_rows(policy, analysis)
+    for gkey, arity in g_arity.items():
+        _check_acyclic(gkey, arity, analysis.g_rows.get(gkey, []), policy)
+    return analysis
+
+
+def _analyse_matcher(
+    matcher: str,
+    r_tokens: list[str],
+    p_tokens: list[str],
+    functions: set[str],
+    g_arity: dict[str, int],
+    m: Any,
+) -> tuple[list[Conjunct], str | None]:
+    if casbin_util.has_eval(matcher):
+        return [], "matcher uses eval()"
+    try:
+        body = ast.parse(_rewrite(matcher).strip()).body
+    except SyntaxError as exc:
+        raise PolicyError(f"matcher does not parse: {exc.msg}: {matcher}", file=MODEL_FILE) from exc
+    if len(body) != 1 or not isinstance(body[0], ast.Expr):
+        raise PolicyError(f"matcher is not one expression: {matcher!r}", file=MODEL_FILE)
+    tree = body[0].value
+    names = set(r_tokens) | set(p_tokens)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id not in functions:
+                raise PolicyError(
+                    f"matcher calls unknown function {node.func.id}()", file=MODEL_FILE
+                )
+        elif isinstance(node, ast.Name) and node.id not in names and node.id not in functions:
+            shown = node.id.replace("_", ".", 1)
+            raise PolicyError(
+                f"matcher uses {shown}, which the request and policy definitions lack",
+                file=MODEL_FILE,
+            )
+
+    terms = _conjunction(tree)
+    conjuncts: list[Conjunct] = []
+    for term in terms:
+        conj = _conjunct(term, r_tokens, p_tokens, g_arity)
+        if conj is None:
+            return [], f"matcher term {ast.unparse(term)!r} has no compiled form"
+        conjuncts.append(conj)
+    return conjuncts, None
+
+
+def _conjunction(tree: ast.expr) -> list[ast.expr]:
+    if isinstance(tree, ast.BoolOp) and isinstance(tree.op, ast.And):
+        out: list[ast.expr] = []
+        for value in tree.values:
+            out.extend(_conjunction(value))
+        return out
+    return [tree]
+
+
+def _conjunct(
+    term: ast.expr, r_tokens: list[str], p_tokens: list[str], g_arity: dict[str, int]
+) -> Conjunct | None:
+    def r_index(node: ast.expr) -> int | None:
+        if isinstance(node, ast.Name) and node.id in r_tokens:
+            return r_tokens.index(node.id)
+        return None
+
+    def p_index(node: ast.expr) -> int | None:
+        if isinstance(node, ast.Name) and node.id in p_tokens:
+            return p_tokens.index(node.id)
+        return None
+
+    if isinstance(term, ast.Compare) and len(term.ops) == 1 and isinstance(term.ops[0], ast.Eq):
+        left, right = term.left, term.comparators[0]
+        ri, pj = r_index(left), p_index(right)
+        if ri is None or pj is None:
+            ri, pj = r_index(right), p_index(left)
+        if ri is not None and pj is not None:
+            return Conjunct("==", ri, pj)
+        return None
+    if not (isinstance(term, ast.Call) and isinstance(term.func, ast.Name)) or term.keywords:
+        return None
+    fn, args = term.func.id, term.args
+    if len(args) < 2:
+        return None
+    ri, pj = r_index(args[0]), p_index(args[1])
+    if ri is None or pj is None:
+        return None
+    if fn in PATTERN_FUNCTIONS and len(args) == 2:
+        return Conjunct(fn, ri, pj)
+    arity = g_arity.get(fn)
+    if arity == 2 and len(args) == 2:
+        return Conjunct("g", ri, pj, gkey=fn)
+    if arity == 3 and len(args) == 3 and (di := r_index(args[2])) is not None:
+        return Conjunct("g", ri, pj, gkey=fn, dom_ri=di)
+    return None
+
+
+def _load_rows(policy: Policy, a: Analysis) -> None:
+    m = a.model
+    lines: Iterable[int | None] = policy.lines or [None] * len(policy.rows)
+    for row, line in zip(policy.rows, lines, strict=False):
+        ptype, values = row[0], tuple(row[1:])
+        sec = ptype[:1]
+        defs = m[sec] if sec in ("p", "g") else None
+        if not defs or ptype not in defs:
+            raise PolicyError(
+                f"unknown policy type {ptype!r} (the model defines "
+                f"{', '.join(sorted(list(m['p']) + list(m['g'] or {})))})",
+                file=POLICY_FILE,
+                line=line,
+            )
+        want = len(defs[ptype].tokens) if sec == "p" else a.g_arity[ptype]
+        if len(values) != want:
+            raise PolicyError(
+                f"{ptype} row has {len(values)} values, its definition "
+                f"'{ptype} = {defs[ptype].value}' takes {want}",
+                file=POLICY_FILE,
+                line=line,
+            )
+        if ptype == "p":
+            a.p_rows.append(values)
+            a.p_lines.append(line)
+        elif sec == "g":
+            a.g_rows.setdefault(ptype, []).append(values)
+
+
+def _check_acyclic(gkey: str, arity: int, rows: list[tuple[str, ...]], policy: Policy) -> None:
+    """A role cycle is always a mistake in a reviewed policy; refuse it at load."""
+    graphs: dict[str, dict[str, list[str]]] = {}
+    for row in rows:
+        dom = row[2] if arity >= 3 else ""
+        graphs.setdefault(dom, {}).setdefault(row[0], []).append(row[1])
+    for dom, graph in graphs.items():
+        state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+        for start in graph:
+            if state.get(start):
+                continue
+            path = [start]
+            stack = [iter(graph.get(start, ()))]
+            state[start] = 1
+            while stack:
+                nxt = next(stack[-1], None)
+                if nxt is None:
+                    state[path.pop()] = 2
+                    stack.pop()
+                    continue
+                s = state.get(nxt)
+                if s == 1:
+                    cycle = [*path[path.index(nxt) :], nxt]
+                    where = f" in domain {dom!r}" if arity >= 3 else ""
+                    raise PolicyError(
+                        f"role cycle in {gkey}{where}: {' -> '.join(cycle)}",
+                        file=POLICY_FILE,
+                        line=_g_line(policy, gkey, cycle[-2], cycle[-1]),
+                    )
+                if s is None:
+                    state[nxt] = 1
+                    path.append(nxt)
+                    stack.append(iter(graph.get(nxt, ())))
+
+
+def _g_line(policy: Policy, gkey: str, user: str, role: str) -> int | None:
+    for row, line in zip(policy.rows, policy.lines, strict=False):
+        if row[0] == gkey and row[1] == user and row[2] == role:
+            return line
+    return None
+
+
+def _closure(edges: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
+    """For every user: itself, then every role ``has_link`` reaches (at most 9 links)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for user in edges:
+        seen = {user}
+        order = [user]
+        frontier = [user]
+        for _ in range(MAX_HIERARCHY_LEVEL - 1):
+            nxt = []
+            for name in frontier:
+                for role in edges.get(name, ()):
+                    if role not in seen:
+                        seen.add(role)
+                        order.append(role)
+                        nxt.append(role)
+            if not nxt:
+                break
+            frontier = nxt
+        out[user] = tuple(order)
+    return out
+
+
+class CompiledEngine:
+    """Indexes over one policy revision; immutable, so ``decide`` takes no lock.
+
+    The only mutable part is the decision cache, a plain dict whose single operations are
+    atomic under the GIL; two threads racing on the same miss compute the same answer.
+    """
+
+    kind = "compiled"
+    fallback_reason: str | None = None
+
+    def __init__(self, analysis: Analysis, *, revision: str, cache_size: int = DEFAULT_CACHE_SIZE):
+        if analysis.conjuncts is None:
+            raise ValueError(f"model does not compile: {analysis.fallback_reason}")
+        from authz.engine import Decision  # engine.py imports this module lazily
+
+        self._decision_type = Decision
+        self.revision = revision
+        self.rules = len(analysis.p_rows)
+        self._rows = analysis.p_rows
+        self._effect = analysis.effect
+        self._cache: dict[tuple[str, str, str, str], Decision] = {}
+        self._cache_size = max(0, cache_size)
+        self._direct = self._direct_roles(analysis)
+        self._g_domains = {k: n >= 3 for k, n in analysis.g_arity.items()}
+        self._levels = self._make_levels(analysis)
+        _validate_patterns(analysis)
+        self._root = self._build(analysis)
+        self._default = Decision(self._effect == DENY_OVERRIDE_EFFECT, None, revision)
+
+    # -- build -------------------------------------------------------------------------
+    @staticmethod
+    def _direct_roles(a: Analysis) -> dict[str, dict[tuple[str, str], list[str]]]:
+        """gkey -> (user, domain) -> direct roles in policy order ("" domain for 2 fields)."""
+        out: dict[str, dict[tuple[str, str], list[str]]] = {}
+        for gkey, rows in a.g_rows.items():
+            d = out.setdefault(gkey, {})
+            for row in rows:
+                dom = row[2] if a.g_arity[gkey] >= 3 else ""
+                roles = d.setdefault((row[0], dom), [])
+                if row[1] not in roles:
+                    roles.append(row[1])
+        return out
+
+    def _make_levels(self, a: Analysis) -> list[Level]:
+        assert a.conjuncts is not None
+        order = {"==": 0, "g": 0, "keyMatch": 1, "keyMatch2": 2}
+        levels: list[Level] = []
+        for c in sorted(a.conjuncts, key=lambda c: order.get(c.func, 3)):
+            names = None
+            if c.func == "g":
+                names = self._names_fn(c)
+            levels.append(make_level(c.func, c.ri, c.pj, names))
+        return levels
+
+    def _names_fn(self, c: Conjunct) -> Callable[[tuple[str, ...]], tuple[str, ...]]:
+        assert c.gkey is not None
+        direct = self._direct.get(c.gkey, {})
+        ri = c.ri
+        if c.dom_ri is None:
+            flat = _closure({u: r for (u, _), r in direct.items()})
+            get = flat.get
+            return lambda req: get(req[ri]) or (req[ri],)
+        by_dom: dict[str, dict[str, list[str]]] = {}
+        for (u, dom), roles in direct.items():
+            by_dom.setdefault(dom, {})[u] = roles
+        keyed = {(u, dom): names for dom, e in by_dom.items() for u, names in _closure(e).items()}
+        getk = keyed.get
+        di = c.dom_ri
+        return lambda req: getk((req[ri], req[di])) or (req[ri],)
+
+    def _build(self, a: Analysis) -> Any:
+        eft_at = a.p_tokens.index("p_eft") if "p_eft" in a.p_tokens else None
+        keep_deny = self._effect != ALLOW_OVERRIDE_EFFECT
+        items: list[tuple[tuple[str, ...], int, bool]] = []
+        if not a.p_rows:
+            # pycasbin evaluates the matcher once with every policy field "" and counts a
+            # match as allow (with no row to explain it).
+            items.append((("",) * len(a.p_tokens), -1, False))
+        for idx, row in enumerate(a.p_rows):
+            eft = row[eft_at] if eft_at is not None else "allow"
+            if eft == "allow":
+                items.append((row, idx, False))
+            elif eft == "deny" and keep_deny:
+                items.append((row, idx, True))
+            # any other eft is Effector.INDETERMINATE: it can never change the outcome
+        return self._build_node(items, 0)
+
+    def _build_node(self, items: list[tuple[tuple[str, ...], int, bool]], depth: int) -> Any:
+        if depth == len(self._levels):
+            allow = min((i for _, i, deny in items if not deny), default=_NONE)
+            deny = min((i for _, i, d in items if d), default=_NONE)
+            return (allow, deny)
+        level = self._levels[depth]
+        groups: dict[str, list[tuple[tuple[str, ...], int, bool]]] = {}
+        pj = level.pj
+        for item in items:
+            groups.setdefault(item[0][pj], []).append(item)
+        return level.make_node({k: self._build_node(v, depth + 1) for k, v in groups.items()})
+
+    # -- decide ------------------------------------------------------------------------
+    def decide(self, sub: str, dom: str, obj: str, act: str) -> Decision:
+        key = (sub, dom, obj, act)
+        cache = self._cache
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        decision = self._evaluate(key)
+        if self._cache_size:
+            if len(cache) >= self._cache_size:
+                # Evict the oldest entry; another thread may be doing the same.
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                    del cache[next(iter(cache))]
+            cache[key] = replace(decision, cached=True)
+        return decision
+
+    def _evaluate(self, req: tuple[str, str, str, str]) -> Decision:
+        frontier = [self._root]
+        for level in self._levels:
+            nxt: list[Any] = []
+            expand = level.expand
+            for node in frontier:
+                expand(node, req, nxt)
+            if not nxt:
+                return self._default
+            frontier = nxt
+        allow = deny = _NONE
+        for a, d in frontier:
+            if a < allow:
+                allow = a
+            if d < deny:
+                deny = d
+        return self._combine(allow, deny)
+
+    def _combine(self, allow: int, deny: int) -> Decision:
+        effect = self._effect
+        if effect == ALLOW_OVERRIDE_EFFECT:
+            allowed = allow != _NONE
+            idx = allow
+        elif deny != _NONE:
+            allowed, idx = False, deny
+        elif effect == DENY_OVERRIDE_EFFECT:
+            allowed, idx = True, allow
+        else:
+            allowed, idx = allow != _NONE, allow
+        rule = self._rows[idx] if 0 <= idx < len(self._rows) else None
+        return self._decision_type(allowed, rule, self.revision)
+
+    def roles_for(self, sub: str, dom: str) -> list[str]:
+        """pycasbin's ``get_implicit_roles_for_user``: breadth first, no depth limit."""
+        res: list[str] = []
+        seen: set[str] = set()
+        queue = deque([sub])
+        while queue:
+            name = queue.popleft()
+            for gkey, direct in self._direct.items():
+                for role in direct.get((name, dom if self._g_domains[gkey] else ""), ()):
+                    if role not in seen:
+                        seen.add(role)
+                        res.append(role)
+                        queue.append(role)
+        return res
+
+    def cache_info(self) -> dict[str, int]:
+        return {"size": len(self._cache), "max": self._cache_size}
+
+
+def _validate_patterns(a: Analysis) -> None:
+    """Compile every distinct pattern once; a broken regex is refused at load, with its line."""
+    assert a.conjuncts is not None
+    seen: set[tuple[str, str]] = set()
+    for c in a.conjuncts:
+        if c.func in ("==", "g", "keyMatch"):
+            continue
+        for row, line in zip(a.p_rows, a.p_lines, strict=False):
+            key = (c.func, row[c.pj])
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                compile_pattern(c.func, row[c.pj])
+            except re.error as exc:
+                raise PolicyError(
+                    f"{c.func} pattern {row[c.pj]!r} is not a valid regular expression: {exc}",
+                    file=POLICY_FILE,
+                    line=line,
+                ) from exc
