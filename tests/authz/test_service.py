@@ -500,3 +500,35 @@ def test_cli_serve_with_invalid_policy_exits_nonzero(tmp_path: Path) -> None:
     assert res.returncode == 2, res.stderr
     assert "policy.csv:1" in res.stderr and "values" in res.stderr
     assert time.monotonic() - t0 < 30
+
+
+# ---------------------------------------------------------------- policy validation at load
+
+_MODEL = (POLICIES / "model.conf").read_text()
+_GOOD_ROW = "p, anonymous, *, /healthz, ^GET$, allow\n"
+
+
+@pytest.mark.parametrize(
+    ("model", "rows", "file", "line", "words"),
+    [
+        (_MODEL.replace("r = sub, dom, obj, act", "r = sub, obj, act"), _GOOD_ROW,
+         "model.conf", None, "takes 3 values"),
+        (_MODEL.replace("r = sub, dom, obj, act", "r = sub, dom, obj, act, x"), _GOOD_ROW,
+         "model.conf", None, "takes 5 values"),
+        (_MODEL, _GOOD_ROW + "p2, a, b, c, d, allow\n", "policy.csv", 2, "unknown policy type"),
+        (_MODEL, _GOOD_ROW + "\n# c\np, a, b, c, allow\n", "policy.csv", 4, "has 4 values"),
+        (_MODEL, "g, a, b, c\n", "policy.csv", 1, "has 3 values"),
+        (_MODEL, "p, a, b, c, d, permit\n", "policy.csv", 1, "effect must be"),
+        ("[matchers]\nm = r.sub == p.sub\n", _GOOD_ROW, "model.conf", None, "no request"),
+    ],
+    ids=["request_three_values", "request_five_values", "unknown_ptype", "row_too_short",
+         "role_row_too_long", "effect_not_allow_or_deny", "no_request_definition"],
+)  # fmt: skip
+def test_policy_refused_at_load_with_file_and_line(tmp_path, model, rows, file, line, words):
+    from authz.policy import load_policy_dir
+
+    (tmp_path / "model.conf").write_text(model)
+    (tmp_path / "policy.csv").write_text(rows)
+    with pytest.raises(PolicyError, match=words) as info:
+        load_policy_dir(tmp_path)
+    assert (info.value.file, info.value.line) == (file, line)
