@@ -288,9 +288,9 @@ class Issuer:
         public_key, key_type = _check_key(csr)
         _check_extensions(csr, spiffe_id)
 
-        now = datetime.fromtimestamp(self._clock(), UTC)
-        not_before = (now - self.backdate).replace(microsecond=0)
-        not_after = min(now + ttl, self._not_after).replace(microsecond=0)
+        now = datetime.fromtimestamp(int(self._clock()), UTC)
+        not_before = now - self.backdate
+        not_after = min(now + ttl, self._not_after)
         if not_after <= now:
             raise AuthorityError("the CA certificate has expired; rotate ca-cert.pem")
         serial = x509.random_serial_number()

@@ -1,7 +1,291 @@
-"""`citadel ca ...` commands."""
+"""`citadel ca ...`: create or validate a CA, and serve Istio's CA protocol."""
 
 from __future__ import annotations
 
-import typer
+import asyncio
+import enum
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
 
-app = typer.Typer(no_args_is_help=True, help="ca commands.")
+import typer
+from cryptography.hazmat.primitives import hashes
+from rich.console import Console
+
+from citadel.audit import open_audit_log
+from citadel.ca.authority import (
+    KEY_TYPES,
+    Authority,
+    cacerts_dir,
+    init_authority,
+    load_authority,
+)
+from citadel.ca.server import DEFAULT_DNS_NAMES, DEFAULT_LISTEN, CAConfig, RunningCA, serve_ca
+from citadel.ca.service import AccessLists
+from citadel.ca.tokens import DEFAULT_AUDIENCE, TokenAuthenticator
+from citadel.durations import format_duration, parse_duration
+from citadel.errors import AuthorityError, CitadelError, ConfigError
+from citadel.logs import configure_logging
+
+app = typer.Typer(no_args_is_help=True, help="Certificate authority: init and serve.")
+
+KeyType = enum.Enum("KeyType", {k.replace("-", "_"): k for k in KEY_TYPES}, type=str)  # type: ignore[misc]
+
+
+class TokenAuth(enum.StrEnum):
+    jwks = "jwks"
+    tokenreview = "tokenreview"
+
+
+StateDir = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir",
+        help="State directory; the CA lives in DIR/cacerts (or DIR itself if it holds "
+        "Istio's cacerts files).",
+    ),
+]
+
+
+def _err(console: Console, message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _fingerprint(authority: Authority) -> str:
+    return authority.root.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def _describe(console: Console, authority: Authority, verb: str) -> None:
+    now = datetime.now(UTC)
+    console.print(
+        f"[green]{verb}[/] CA for trust domain [bold]{authority.trust_domain.name}[/] "
+        f"({authority.key_type})"
+    )
+    d = authority.directory
+    console.print(f"  root:        {d}/root-cert.pem  (SHA-256 {_fingerprint(authority)[:47]}...)")
+    console.print(f"  signing:     {d}/ca-cert.pem, key {d}/ca-key.pem (0600)")
+    console.print(f"  chain:       {d}/cert-chain.pem")
+    left = authority.remaining(now)
+    console.print(
+        f"  valid until: {authority.not_after:%Y-%m-%d %H:%M} UTC "
+        f"({format_duration(timedelta(days=left.days)) if left.days else format_duration(left)})"
+    )
+
+
+@app.command("init")
+def init(
+    state_dir: StateDir = Path(".citadel"),
+    trust_domain: Annotated[
+        str, typer.Option("--trust-domain", help="SPIFFE trust domain, e.g. cluster.local.")
+    ] = "cluster.local",
+    key_type: Annotated[
+        KeyType, typer.Option("--key-type", help="Key type of root and intermediate.")
+    ] = KeyType.ec_p256,  # type: ignore[attr-defined]
+) -> None:
+    """Create a root and signing intermediate in Istio's cacerts layout (or validate an
+    existing one and use it as is)."""
+    console = Console(stderr=True)
+    target = cacerts_dir(state_dir)
+    try:
+        if target.exists() and any(target.iterdir()):
+            authority = load_authority(target, trust_domain=trust_domain)
+            _describe(console, authority, "using existing")
+            return
+        with console.status(f"generating {key_type.value} keys..."):
+            authority = init_authority(target, trust_domain=trust_domain, key_type=key_type.value)
+    except CitadelError as exc:
+        raise _err(console, exc.message) from None
+    except OSError as exc:
+        raise _err(console, f"{exc.filename or target}: {exc.strerror}") from None
+    _describe(console, authority, "created")
+    console.print(
+        f"next: citadel ca serve --state-dir {state_dir} --token-auth jwks --jwks-file FILE"
+    )
+
+
+def _seconds(console: Console, flag: str, text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise _err(console, f"{flag}: {exc}", 2) from None
+
+
+def _authenticator(
+    *,
+    token_auth: TokenAuth,
+    jwks_file: Path | None,
+    oidc_issuer: str | None,
+    issuers: list[str] | None,
+    kubeconfig: Path | None,
+    audiences: list[str],
+    leeway: timedelta,
+    timeout: timedelta,
+    state_dir: Path,
+) -> TokenAuthenticator:
+    if token_auth is TokenAuth.jwks:
+        if jwks_file is None and oidc_issuer is None:
+            hint = state_dir / "dev-issuer" / "jwks.json"
+            extra = f" (dev tokens: --jwks-file {hint})" if hint.exists() else ""
+            raise ConfigError(f"--token-auth jwks needs --jwks-file F or --oidc-issuer URL{extra}")
+        from citadel.ca.jwks import JwksAuthenticator
+
+        return JwksAuthenticator(
+            jwks_file=jwks_file,
+            oidc_issuer=oidc_issuer,
+            issuers=issuers or None,
+            audiences=audiences,
+            leeway=leeway,
+        )
+    if jwks_file is not None or oidc_issuer is not None:
+        raise ConfigError("--jwks-file/--oidc-issuer only apply to --token-auth jwks")
+    from citadel.ca.tokenreview import TokenReviewAuthenticator
+
+    return TokenReviewAuthenticator(
+        kubeconfig=str(kubeconfig) if kubeconfig else None,
+        audiences=audiences,
+        timeout=timeout.total_seconds(),
+    )
+
+
+@app.command("serve")
+def serve(
+    state_dir: StateDir = Path(".citadel"),
+    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to serve on.")] = (
+        DEFAULT_LISTEN
+    ),
+    token_auth: Annotated[
+        TokenAuth, typer.Option("--token-auth", help="How callers' tokens are verified.")
+    ] = TokenAuth.jwks,
+    jwks_file: Annotated[
+        Path | None, typer.Option("--jwks-file", help="JWKS of the token issuer (jwks).")
+    ] = None,
+    oidc_issuer: Annotated[
+        str | None, typer.Option("--oidc-issuer", help="OIDC issuer URL; keys via discovery.")
+    ] = None,
+    issuer: Annotated[
+        list[str] | None,
+        typer.Option("--issuer", help="Trusted token issuer (repeatable; jwks)."),
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None, typer.Option("--kubeconfig", help="Kubeconfig (tokenreview; else in-cluster).")
+    ] = None,
+    audience: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--audience", help=f"Accepted token audience (repeatable; {DEFAULT_AUDIENCE})."
+        ),
+    ] = None,
+    default_ttl: Annotated[str, typer.Option("--default-ttl", help="Default SVID TTL.")] = "1h",
+    max_ttl: Annotated[str, typer.Option("--max-ttl", help="Longer requests are clamped.")] = "24h",
+    backdate: Annotated[str, typer.Option("--backdate", help="NotBefore backdate.")] = "30s",
+    leeway: Annotated[str, typer.Option("--leeway", help="Token clock leeway (jwks).")] = "30s",
+    timeout: Annotated[
+        str, typer.Option("--tokenreview-timeout", help="Kubernetes API deadline.")
+    ] = "5s",
+    audit_log: Annotated[
+        str, typer.Option("--audit-log", help="Audit JSON lines: a FILE, or - for stdout.")
+    ] = "-",
+    insecure_plaintext: Annotated[
+        bool, typer.Option("--insecure-plaintext", help="Serve without TLS (never in production).")
+    ] = False,
+    dns_name: Annotated[
+        list[str] | None,
+        typer.Option("--dns-name", help="Serving certificate SAN (repeatable; IPs allowed)."),
+    ] = None,
+    trust_domain: Annotated[
+        str | None, typer.Option("--trust-domain", help="Only if ca-cert.pem has no SPIFFE ID.")
+    ] = None,
+    allow_namespace: Annotated[list[str] | None, typer.Option("--allow-namespace")] = None,
+    deny_namespace: Annotated[list[str] | None, typer.Option("--deny-namespace")] = None,
+    allow_service_account: Annotated[
+        list[str] | None, typer.Option("--allow-service-account", help="NS/NAME (repeatable).")
+    ] = None,
+    deny_service_account: Annotated[
+        list[str] | None, typer.Option("--deny-service-account", help="NS/NAME (repeatable).")
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Serve istio.v1.auth.IstioCertificateService/CreateCertificate (TLS by default),
+    plus gRPC health and reflection. SIGTERM/SIGINT drain in-flight calls and exit 0."""
+    console = Console(stderr=True)
+    configure_logging(level=log_level)
+    durations = {
+        flag: _seconds(console, flag, text)
+        for flag, text in (
+            ("--default-ttl", default_ttl),
+            ("--max-ttl", max_ttl),
+            ("--backdate", backdate),
+            ("--leeway", leeway),
+            ("--tokenreview-timeout", timeout),
+        )
+    }
+    for flag, values in (
+        ("--allow-service-account", allow_service_account),
+        ("--deny-service-account", deny_service_account),
+    ):
+        for v in values or ():
+            if v.count("/") != 1:
+                raise _err(console, f"{flag} takes NAMESPACE/NAME (got {v!r})", 2)
+    audiences = audience or [DEFAULT_AUDIENCE]
+    try:
+        authenticator = _authenticator(
+            token_auth=token_auth,
+            jwks_file=jwks_file,
+            oidc_issuer=oidc_issuer,
+            issuers=issuer,
+            kubeconfig=kubeconfig,
+            audiences=audiences,
+            leeway=durations["--leeway"],
+            timeout=durations["--tokenreview-timeout"],
+            state_dir=state_dir,
+        )
+        directory = cacerts_dir(state_dir)
+        authority = load_authority(directory, trust_domain=trust_domain)
+        audit = open_audit_log(audit_log, name="citadel-ca")
+    except AuthorityError as exc:
+        raise _err(console, exc.message) from None
+    except CitadelError as exc:
+        raise _err(console, exc.message) from None
+    except OSError as exc:
+        raise _err(console, f"{exc.filename or ''}: {exc.strerror}") from None
+
+    config = CAConfig(
+        cacerts_dir=directory,
+        authenticator=authenticator,
+        audit=audit,
+        listen=listen,
+        trust_domain=trust_domain,
+        default_ttl=durations["--default-ttl"],
+        max_ttl=durations["--max-ttl"],
+        backdate=durations["--backdate"],
+        insecure_plaintext=insecure_plaintext,
+        dns_names=tuple(dns_name or DEFAULT_DNS_NAMES),
+        access=AccessLists.build(
+            allow_namespaces=allow_namespace or (),
+            deny_namespaces=deny_namespace or (),
+            allow_service_accounts=allow_service_account or (),
+            deny_service_accounts=deny_service_account or (),
+        ),
+        authority=authority,
+    )
+
+    def ready(running: RunningCA) -> None:
+        mode = "[yellow]PLAINTEXT[/]" if not running.tls else "TLS"
+        console.print(
+            f"[green]citadel CA[/] serving istio.v1.auth.IstioCertificateService on "
+            f"[bold]{running.address}[/] ({mode}), trust domain "
+            f"{running.authority.trust_domain.name}, tokens via {authenticator.name} "
+            f"(audience {', '.join(audiences)})"
+        )
+        if running.tls:
+            console.print(f"  clients verify with {directory / 'root-cert.pem'}")
+        console.print("  Ctrl-C or SIGTERM drains in-flight calls and stops")
+
+    try:
+        asyncio.run(serve_ca(config, on_ready=ready))
+    except CitadelError as exc:
+        raise _err(console, exc.message) from None
+    finally:
+        audit.close()
+    console.print("citadel CA stopped")
