@@ -245,6 +245,17 @@ def test_ca_readiness_checks_grpc_health_over_tls() -> None:
     assert c["livenessProbe"]["tcpSocket"]["port"] == c["ports"][0]["name"]
 
 
+def test_ca_serving_certificate_names_what_clients_dial() -> None:
+    """Agents verify the CA's certificate against the name they dial; the probe dials
+    localhost. A name missing here is a TLS failure for every workload."""
+    (c,) = pod_spec(one("Deployment", "citadel-ca"))["containers"]
+    args = c["args"]
+    names = {args[i + 1] for i, a in enumerate(args) if a == "--dns-name"}
+    svc = one("Service", "citadel-ca")
+    short = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
+    assert {short, f"{short}.cluster.local", "localhost"} <= names
+
+
 def test_authz_mounts_policy_configmap_as_a_directory() -> None:
     spec = pod_spec(one("Deployment", "citadel-authz"))
     (c,) = spec["containers"]
