@@ -16,8 +16,8 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from jwt.algorithms import ECAlgorithm
 
 from citadel.ca.jwks import JwksAuthenticator
@@ -134,6 +134,9 @@ def _forgeries(issuer: DevIssuer) -> list[tuple[str, str, str]]:
     def hs256(data: bytes) -> bytes:
         return hmac.new(pub_pem, data, hashlib.sha256).digest()
 
+    def rs256(data: bytes) -> bytes:
+        return issuer.key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
     def k8s(ns: str, sa: str) -> dict[str, Any]:
         return {"namespace": ns, "serviceaccount": {"name": sa, "uid": "x"}}
 
@@ -212,6 +215,26 @@ def _forgeries(issuer: DevIssuer) -> list[tuple[str, str, str]]:
             "does not agree",
         ),
         ("no-kubernetes-claims", token(issuer, extra_claims={"kubernetes.io": None}), "lacks"),
+        (
+            "exp-infinity",
+            _raw_jwt({"alg": "RS256", "kid": issuer.kid}, {**base, "exp": float("inf")}, rs256),
+            "well-formed JWT",
+        ),
+        (
+            "exp-far-future",
+            _raw_jwt({"alg": "RS256", "kid": issuer.kid}, {**base, "exp": 10**20}, rs256),
+            "plausible timestamp",
+        ),
+        (
+            "crit-header",
+            _raw_jwt({"alg": "RS256", "kid": issuer.kid, "crit": ["x"], "x": 1}, base, rs256),
+            "crit",
+        ),
+        (
+            "padded-base64",
+            token(issuer).split(".")[0] + "==." + ".".join(token(issuer).split(".")[1:]),
+            "well-formed JWT",
+        ),
     ]
 
 
@@ -239,6 +262,10 @@ _FORGERY_IDS = [
     "sub-disagrees-with-claims",
     "sa-disagrees-with-claims",
     "no-kubernetes-claims",
+    "exp-infinity",
+    "exp-far-future",
+    "crit-header",
+    "padded-base64",
 ]
 
 
