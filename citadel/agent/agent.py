@@ -152,12 +152,14 @@ class Agent:
             expected_id=expected,
             now=self._clock(),
         )
-        self._publish(svid)
+        await self._publish(svid)
         return svid
 
-    def _publish(self, svid: Svid) -> None:
+    async def _publish(self, svid: Svid) -> None:
         bundle_pem = certs_pem(self.trust_anchors())
-        write_set(
+        # fsyncs take milliseconds: off the event loop, so SDS streams keep flowing.
+        await asyncio.to_thread(
+            write_set,
             self.config.out_dir,
             FileSet(svid_pem=svid.chain_pem(), key_pem=svid.key_pem(), bundle_pem=bundle_pem),
             now=self._clock(),
@@ -188,7 +190,8 @@ class Agent:
             _log.info("trust bundle changed", sequence=self.bundle_sequence)
             bundle_pem = certs_pem(self.trust_anchors())
             if self.svid is not None:
-                write_set(
+                await asyncio.to_thread(
+                    write_set,
                     self.config.out_dir,
                     FileSet(
                         svid_pem=self.svid.chain_pem(),
