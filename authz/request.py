@@ -232,14 +232,28 @@ def normalize_method(raw: str) -> str:
     return method
 
 
+# Hosts and methods repeat across requests (paths do not): remember the normalised form of
+# well-formed ones. Bounded by clearing, so a flood of distinct hosts costs memory once.
+_HOST_CACHE: dict[str, str] = {}
+_METHOD_CACHE: dict[str, str] = {}
+_CACHE_MAX = 4096
+
+
 def request_tuple(*, principal: str, host: str, method: str, path: str) -> RequestTuple:
     """The Casbin tuple of one request; raises ``Refused`` for a request it cannot name."""
-    return RequestTuple(
-        sub=principal or ANONYMOUS,
-        dom=normalize_host(host),
-        obj=normalize_path(path),
-        act=normalize_method(method),
-    )
+    dom = _HOST_CACHE.get(host)
+    if dom is None:
+        dom = normalize_host(host)
+        if len(_HOST_CACHE) >= _CACHE_MAX:
+            _HOST_CACHE.clear()
+        _HOST_CACHE[host] = dom
+    act = _METHOD_CACHE.get(method)
+    if act is None:
+        act = normalize_method(method)
+        if len(_METHOD_CACHE) >= _CACHE_MAX:
+            _METHOD_CACHE.clear()
+        _METHOD_CACHE[method] = act
+    return RequestTuple(principal or ANONYMOUS, dom, normalize_path(path), act)
 
 
 def trace_id_from(headers: dict[str, str] | object) -> str | None:

@@ -5,7 +5,8 @@ header: headers are whatever the caller chose to send), host, method and raw pat
 the three allow-listed headers that let a decision be found from a trace. Everything else
 is the shared ``DecisionPipeline``. Requests are decoded by ``decode_check_request``
 instead of grpc's default deserializer so a malformed message (e.g. invalid UTF-8 in a
-string field) becomes an audited 400 denial rather than an anonymous INTERNAL error.
+string field) becomes an audited 400 denial rather than an anonymous INTERNAL error, and
+``Check`` returns serialized bytes (an allow is a cached template plus the decision id).
 """
 
 from __future__ import annotations
@@ -58,13 +59,13 @@ def decode_check_request(data: bytes) -> _CheckRequest | Undecodable:
         return Undecodable(len(data), str(exc)[:200])
 
 
-def _allow(outcome: Outcome) -> _CheckResponse:
+def _allow_message(decision_id: str) -> _CheckResponse:
     return _CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=external_auth_pb2.OkHttpResponse(
             headers=[
                 base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=DECISION_HEADER, value=outcome.decision_id),
+                    header=base_pb2.HeaderValue(key=DECISION_HEADER, value=decision_id),
                     append_action=_OVERWRITE,
                 )
             ]
@@ -72,7 +73,33 @@ def _allow(outcome: Outcome) -> _CheckResponse:
     )
 
 
-def _deny(outcome: Outcome) -> _CheckResponse:
+class _AllowTemplates:
+    """Serialized allow responses, built once per decision-id length.
+
+    An allow differs from the next only in its decision id, and ids of one length give
+    identical framing, so the bytes are a cached prefix + id + suffix: building and
+    serializing the message costs more than the decision itself on the hot path.
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[int, tuple[bytes, bytes]] = {}
+
+    def __call__(self, decision_id: str) -> bytes:
+        raw = decision_id.encode("ascii")
+        parts = self._parts.get(len(raw))
+        if parts is None:
+            n = len(raw)
+            a = _allow_message("a" * n).SerializeToString()
+            b = _allow_message("b" * n).SerializeToString()
+            i = next(k for k in range(len(a)) if a[k] != b[k])  # where the id starts
+            parts = self._parts[n] = (a[:i], a[i + n :])
+        return parts[0] + raw + parts[1]
+
+
+_allow_bytes = _AllowTemplates()
+
+
+def _deny(outcome: Outcome) -> bytes:
     body = json.dumps(
         {
             "decision_id": outcome.decision_id,
@@ -100,7 +127,7 @@ def _deny(outcome: Outcome) -> _CheckResponse:
             ],
             body=body,
         ),
-    )
+    ).SerializeToString()
 
 
 def _trace_headers(http: Any) -> dict[str, str]:
@@ -128,7 +155,7 @@ class AuthorizationServicer:
 
     async def Check(
         self, request: _CheckRequest | Undecodable, context: grpc.aio.ServicerContext
-    ) -> _CheckResponse:
+    ) -> bytes:
         started = time.perf_counter_ns()
         pipeline = self._pipeline
         try:
@@ -170,7 +197,7 @@ class AuthorizationServicer:
                 request_id=extra.get("x-request-id"),
                 trace_id=trace_id_from(extra) if extra else None,
             )
-            return _allow(outcome) if outcome.allowed else _deny(outcome)
+            return _allow_bytes(outcome.decision_id) if outcome.allowed else _deny(outcome)
         except Exception:  # the pipeline never raises; this is the last line of fail-closed
             outcome = Outcome(False, pipeline.new_id(), 403, "internal_error", "internal error")
             return _deny(outcome)
@@ -184,7 +211,7 @@ def generic_handler(servicer: AuthorizationServicer) -> grpc.GenericRpcHandler:
             "Check": grpc.unary_unary_rpc_method_handler(
                 servicer.Check,
                 request_deserializer=decode_check_request,
-                response_serializer=_CheckResponse.SerializeToString,
+                response_serializer=None,  # Check returns serialized bytes
             )
         },
     )
