@@ -69,6 +69,7 @@ class CAConfig:
     insecure_plaintext: bool = False
     #: SANs of the serving certificate; entries that parse as IPs become IP SANs.
     dns_names: Sequence[str] = DEFAULT_DNS_NAMES
+    #: Renewed automatically after two thirds of this.
     serving_cert_ttl: timedelta = timedelta(days=30)
     access: AccessLists = field(default_factory=AccessLists)
     #: Called with the server before it starts, to register more services on it.
@@ -92,8 +93,12 @@ class RunningCA:
     servicer: IstioCertificateServicer
     health: health.aio.HealthServicer
     tls: bool
-    #: PEM of the serving certificate chain (empty for plaintext).
-    serving_chain_pem: bytes = b""
+    serving: _ServingCertificate | None = None
+
+    @property
+    def serving_chain_pem(self) -> bytes:
+        """PEM of the current serving certificate chain (empty for plaintext)."""
+        return self.serving.chain_pem if self.serving is not None else b""
 
     @property
     def address(self) -> str:
@@ -129,20 +134,55 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, port
 
 
-def _server_credentials(
-    authority: Authority, config: CAConfig
-) -> tuple[grpc.ServerCredentials, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = authority.issue_serving_certificate(
-        dns_names=list(config.dns_names), key=key, ttl=config.serving_cert_ttl, clock=config.clock
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    chain = (
-        cert.public_bytes(serialization.Encoding.PEM) + "".join(authority.chain_pem[:-1]).encode()
-    )
-    return grpc.ssl_server_credentials([(key_pem, chain)]), chain
+class _ServingCertificate:
+    """The endpoint's own certificate, re-issued from the intermediate before it expires.
+
+    gRPC asks ``fetch`` before every new TLS handshake; it answers ``None`` (keep the
+    current one) until two thirds of the lifetime have passed, so a CA that runs for
+    months never serves an expired certificate and never needs a restart for it.
+    """
+
+    def __init__(self, authority: Authority, config: CAConfig) -> None:
+        self._authority = authority
+        self._names = list(config.dns_names)
+        self._ttl = config.serving_cert_ttl
+        self._clock = config.clock
+        self.renewals = 0
+        self.chain_pem = b""
+        self.initial = self._issue()
+
+    def _issue(self) -> grpc.ServerCertificateConfiguration:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._authority.issue_serving_certificate(
+            dns_names=self._names, key=key, ttl=self._ttl, clock=self._clock
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self.chain_pem = (
+            cert.public_bytes(serialization.Encoding.PEM)
+            + "".join(self._authority.chain_pem[:-1]).encode()
+        )
+        start, end = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+        self.renew_at = start + (end - start) * 2 / 3
+        return grpc.ssl_server_certificate_configuration([(key_pem, self.chain_pem)])
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        if self._clock() < self.renew_at:
+            return None
+        try:
+            config = self._issue()
+        except Exception as exc:  # keep serving the current one; retry next handshake
+            _log.error("ca.serving_cert_renewal_failed", error=str(exc)[:200])
+            return None
+        self.renewals += 1
+        _log.info("ca.serving_cert_renewed", renewals=self.renewals)
+        return config
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self.initial, self.fetch)
 
 
 async def start_ca(config: CAConfig) -> RunningCA:
@@ -183,13 +223,13 @@ async def start_ca(config: CAConfig) -> RunningCA:
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    chain = b""
+    serving: _ServingCertificate | None = None
     try:
         if config.insecure_plaintext:
             bound = server.add_insecure_port(address)
         else:
-            creds, chain = _server_credentials(authority, config)
-            bound = server.add_secure_port(address, creds)
+            serving = _ServingCertificate(authority, config)
+            bound = server.add_secure_port(address, serving.credentials())
     except RuntimeError:
         bound = 0
     if not bound:
@@ -216,7 +256,7 @@ async def start_ca(config: CAConfig) -> RunningCA:
         servicer=servicer,
         health=health_servicer,
         tls=not config.insecure_plaintext,
-        serving_chain_pem=chain,
+        serving=serving,
     )
 
 

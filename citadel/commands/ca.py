@@ -280,6 +280,12 @@ def serve(
         )
         if running.tls:
             console.print(f"  clients verify with {directory / 'root-cert.pem'}")
+        left = running.authority.remaining(datetime.now(UTC))
+        if left < timedelta(days=30):
+            console.print(
+                f"  [yellow]warning:[/] the CA chain expires in {format_duration(left)}; "
+                "certificates will be cut short to its expiry - rotate ca-cert.pem"
+            )
         console.print("  Ctrl-C or SIGTERM drains in-flight calls and stops")
 
     try:

@@ -8,12 +8,16 @@ audit record, and the server must keep serving after each.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -542,6 +546,67 @@ def test_audit_failure_fails_closed(tmp_path: Path, ca_state: Path) -> None:
         assert create(h, csr_pem(), token=h.token()).cert_chain  # recovers
         granted = [line for line in disk.lines if b'"outcome":"granted"' in line]
         assert len(granted) == 2  # the unaudited issuance was never handed out
+
+
+class _SlowAuthenticator:
+    """A token backend that takes its time (a slow Kubernetes API, say)."""
+
+    name = "slow"
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.started = threading.Event()
+
+    async def authenticate(self, token: str) -> Any:
+        self.started.set()
+        await asyncio.sleep(0.8)
+        return await self.inner.authenticate(token)
+
+
+def test_graceful_stop_drains_in_flight_calls(ca_state: Path, tmp_path: Path) -> None:
+    from citadel.ca.jwks import JwksAuthenticator
+
+    slow = _SlowAuthenticator(JwksAuthenticator(jwks_file=ca_state / "dev-issuer" / "jwks.json"))
+    with running_ca(ca_state, authenticator=slow, audit_path=tmp_path / "audit.log") as h:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(create, h, csr_pem(), token=h.token())
+            assert slow.started.wait(5)
+            h.loop.run(h.running.stop(grace=5.0))  # while the call is in flight
+            assert pending.result(timeout=10).cert_chain  # ... it still completes
+        with pytest.raises(grpc.RpcError):
+            create(h, csr_pem(), token=h.token())  # and nothing new is accepted
+
+
+def _served_certificate(port: int) -> x509.Certificate:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # only reading what is served; the clock is faked
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der
+    return x509.load_der_x509_certificate(der)
+
+
+def test_serving_certificate_renews_before_expiry(ca_state: Path, tmp_path: Path) -> None:
+    now = [time.time()]
+    with running_ca(
+        ca_state,
+        clock=lambda: now[0],
+        serving_cert_ttl=timedelta(hours=3),
+        audit_path=tmp_path / "audit.log",
+    ) as h:
+        first = _served_certificate(h.port)
+        assert _served_certificate(h.port).serial_number == first.serial_number
+        now[0] += 2.5 * 3600  # past two thirds of the lifetime
+        second = _served_certificate(h.port)
+        assert second.serial_number != first.serial_number
+        assert second.not_valid_after_utc > first.not_valid_after_utc
+        second.verify_directly_issued_by(h.running.authority.signing_cert)
+        assert h.running.serving is not None and h.running.serving.renewals == 1
 
 
 def test_port_in_use_is_refused(ca_server: CAHandle, ca_state: Path) -> None:
