@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import os
 import threading
@@ -189,6 +190,35 @@ def initial_state(policy_dir: str | Path, *, run_tests: bool = True) -> PolicySt
     return PolicyState(engine, source=str(d))
 
 
+_gc_lock = threading.Lock()
+_gc_depth = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def quiet_gc() -> Any:
+    """No cyclic-GC passes while a policy builds (re-entrant across reloader threads).
+
+    Measured with a 10,000-rule policy: building allocates enough that CPython runs
+    several full (generation 2) collections, each scanning every live object while holding
+    the GIL, i.e. stalling every decision thread for 0.2-0.5 s, and together more than
+    doubling the build time. The build's garbage is freed by reference counting anyway.
+    """
+    global _gc_depth, _gc_was_enabled
+    with _gc_lock:
+        if _gc_depth == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_depth += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_depth -= 1
+            if _gc_depth == 0 and _gc_was_enabled:
+                gc.enable()
+
+
 class Reloader:
     """Keeps ``state`` serving the newest valid policy found in ``policy_dir``."""
 
@@ -201,6 +231,7 @@ class Reloader:
         poll_interval: float = 5.0,
         watch: bool = True,
         run_tests: bool = True,
+        gc_freeze: bool = True,
         on_swap: Callable[[ReloadOutcome], None] | None = None,
         on_failure: Callable[[ReloadOutcome], None] | None = None,
         name: str = "policy",
@@ -212,6 +243,10 @@ class Reloader:
         #: False: poll only (for mounts where inotify never fires).
         self.watch = watch
         self.run_tests = run_tests
+        #: After a swap, move every live object (the new engine included) to CPython's
+        #: permanent generation so later full collections do not rescan a large engine.
+        #: Engines are acyclic (freed by refcount when dropped), so nothing of theirs leaks.
+        self.gc_freeze = gc_freeze
         self.on_swap = on_swap
         self.on_failure = on_failure
         self.name = name
@@ -256,13 +291,25 @@ class Reloader:
             )
             return self._failed(err, t0, trigger, note=f"directory {fp}, kept {serving}")
         self.directory_missing = False
-        try:
-            policy, engine = load_candidate(self.policy_dir, run_tests=self.run_tests)
-        except PolicyError as exc:
-            return self._failed(exc, t0, trigger, note=f"refused, kept {serving}")
-        duration = time.perf_counter() - t0
+        # No GC pass while building, nor between the swap and the freeze (see quiet_gc).
+        with quiet_gc():
+            try:
+                policy, engine = load_candidate(self.policy_dir, run_tests=self.run_tests)
+            except PolicyError as exc:
+                failure: PolicyError | None = exc
+            else:
+                failure = None
+                duration = time.perf_counter() - t0
+                changed = engine.revision != serving
+                if changed:
+                    self.state.swap(engine, duration_s=duration, rules=len(policy.rows))
+                del engine  # the state holds it; the old one was freed by the swap
+                if changed and self.gc_freeze:
+                    gc.freeze()
+        if failure is not None:
+            return self._failed(failure, t0, trigger, note=f"refused, kept {serving}")
         self.last_duration_s = duration
-        if engine.revision == serving:
+        if not changed:
             self.noops += 1
             out = ReloadOutcome(
                 at=time.time(),
@@ -276,15 +323,14 @@ class Reloader:
             )
             self.last_outcome = out
             return out
-        self.state.swap(engine, duration_s=duration, rules=len(policy.rows))
         out = ReloadOutcome(
             at=self.state.loaded_at,
             ok=True,
-            revision=engine.revision,
+            revision=self.state.revision,
             duration_s=duration,
             rules=len(policy.rows),
             changed=True,
-            note=f"swapped {serving} -> {engine.revision}",
+            note=f"swapped {serving} -> {self.state.revision}",
             trigger=trigger,
         )
         self.last_outcome = out
@@ -292,9 +338,9 @@ class Reloader:
             "policy swapped",
             policy=self.name,
             old=serving,
-            new=engine.revision,
+            new=out.revision,
             rules=len(policy.rows),
-            kind=getattr(engine, "kind", "?"),
+            kind=getattr(self.state.engine, "kind", "?"),
             duration_ms=round(duration * 1000, 2),
             trigger=trigger,
         )
