@@ -21,10 +21,14 @@ import base64
 import contextlib
 import hashlib
 import json
+import os
 import ssl
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ __all__ = [
     "BundleSource",
     "TrustBundleServicer",
     "add_to_server",
+    "attach",
     "bundle_http_handler",
     "bundle_jwks",
     "serve_bundle_https",
@@ -240,6 +245,102 @@ def bundle_http_handler(
                 await writer.wait_closed()
 
     return handle
+
+
+class _HttpsCertificate:
+    """The HTTPS endpoint's certificate, re-issued from the intermediate after 2/3 of its life.
+
+    ``ssl`` wants files for a chain, so the PEMs pass through a private temporary directory
+    that is removed at once; the SNI callback swaps in a fresh context for new handshakes.
+    """
+
+    def __init__(self, authority: Any, dns_names: Sequence[str], ttl: timedelta) -> None:
+        self._authority = authority
+        self._names = list(dns_names)
+        self._ttl = ttl
+        self.context = self._issue()
+
+    def _issue(self) -> ssl.SSLContext:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._authority.issue_serving_certificate(
+            dns_names=self._names, key=key, ttl=self._ttl
+        )
+        start, end = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+        self._renew_at = start + (end - start) * 2 / 3
+        chain = (
+            cert.public_bytes(serialization.Encoding.PEM)
+            + "".join(self._authority.chain_pem[:-1]).encode()
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        with tempfile.TemporaryDirectory(prefix="citadel-bundle-") as tmp:
+            os.chmod(tmp, 0o700)
+            (Path(tmp) / "chain.pem").write_bytes(chain)
+            key_path = Path(tmp) / "key.pem"
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key_pem)
+            ctx.load_cert_chain(Path(tmp) / "chain.pem", key_path)
+        ctx.sni_callback = self._sni
+        return ctx
+
+    def _sni(self, sock: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        if time.time() >= self._renew_at:
+            try:
+                self.context = self._issue()
+            except Exception as exc:  # keep the current one; try again next handshake
+                _log.error("bundle https certificate renewal failed", error=str(exc)[:200])
+        sock.context = self.context
+
+
+async def attach(
+    server: grpc.aio.Server,
+    *,
+    authority: Any,
+    cacerts_dir: Path,
+    https_listen: str | None = None,
+    tls: bool = True,
+    dns_names: Sequence[str] = ("localhost", "127.0.0.1"),
+    serving_ttl: timedelta = timedelta(days=30),
+    refresh_hint: int = DEFAULT_REFRESH_HINT,
+) -> BundleSource:
+    """Publish the CA's bundle: ``GetBundle`` on ``server``, ``GET /bundle`` if asked.
+
+    The bundle is ``cacerts_dir/root-cert.pem`` (re-read on change), or the authority's
+    root when that file is absent. The HTTPS listener closes when the gRPC server ends.
+    """
+    roots = cacerts_dir / "root-cert.pem"
+    source = BundleSource(
+        trust_domain=authority.trust_domain,
+        roots_path=roots if roots.exists() else None,
+        authorities=() if roots.exists() else (authority.root,),
+        refresh_hint=refresh_hint,
+    )
+    add_to_server(server, source)
+    if https_listen:
+        host, _, port = https_listen.rpartition(":")
+        ctx = _HttpsCertificate(authority, dns_names, serving_ttl).context if tls else None
+        https = await serve_bundle_https(
+            source, host=host.strip("[]"), port=int(port), ssl_context=ctx
+        )
+        bound = https.sockets[0].getsockname()[1]
+        _log.info("bundle endpoint", url=f"{'https' if tls else 'http'}://{host}:{bound}/bundle")
+
+        async def close_with_grpc() -> None:
+            await server.wait_for_termination()
+            https.close()
+
+        _background.add(task := asyncio.ensure_future(close_with_grpc()))
+        task.add_done_callback(_background.discard)
+    return source
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 async def serve_bundle_https(

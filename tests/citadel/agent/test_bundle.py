@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import ssl
 from datetime import UTC, datetime, timedelta
 
+import grpc
 import httpx
 import jwt
 import pytest
@@ -117,5 +119,51 @@ def test_https_get_bundle(tmp_path):
         finally:
             server.close()
             await server.wait_closed()
+
+    asyncio.run(body())
+
+
+def test_attach_publishes_over_grpc_and_https_with_the_ca_s_own_certificate(tmp_path):
+    from citadel.ca._proto import bundle_pb2, bundle_pb2_grpc
+    from citadel.ca.authority import init_authority
+    from citadel.ca.bundle import attach
+    from tests.conftest import free_port
+
+    authority = init_authority(tmp_path / "cacerts", trust_domain="cluster.local")
+    root_pem = (tmp_path / "cacerts" / "root-cert.pem").read_bytes()
+    https_port = free_port()
+
+    async def body() -> None:
+        server = grpc.aio.server()
+        source = await attach(
+            server,
+            authority=authority,
+            cacerts_dir=tmp_path / "cacerts",
+            https_listen=f"127.0.0.1:{https_port}",
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                got = await bundle_pb2_grpc.TrustBundleServiceStub(ch).GetBundle(
+                    bundle_pb2.GetBundleRequest()
+                )
+            assert got.trust_domain == "cluster.local"
+            assert [x509.load_der_x509_certificate(d) for d in got.x509_authorities] == [
+                x509.load_pem_x509_certificate(root_pem)
+            ]
+            assert json.loads(got.spiffe_bundle_json) == source.current().jwks()
+            # HTTPS, verified with root-cert.pem: the same file workloads trust.
+            ctx = ssl.create_default_context(cadata=root_pem.decode())
+            async with httpx.AsyncClient(verify=ctx) as client:
+                r = await client.get(f"https://127.0.0.1:{https_port}/bundle")
+            assert r.status_code == 200
+            assert r.json()["keys"][0]["x5c"] == source.current().jwks()["keys"][0]["x5c"]
+        finally:
+            await server.stop(0)
+        await asyncio.sleep(0.05)
+        with pytest.raises(httpx.ConnectError):  # closed together with the gRPC server
+            async with httpx.AsyncClient(verify=ctx) as client:
+                await client.get(f"https://127.0.0.1:{https_port}/bundle")
 
     asyncio.run(body())
