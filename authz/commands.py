@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +15,8 @@ from rich.table import Table
 
 from authz.decisions import explain_request
 from authz.loading import load_engine
-from authz.server import DEFAULT_MAX_MESSAGE_BYTES, AuthzConfig, start_authz
+from authz.server import DEFAULT_MAX_MESSAGE_BYTES, AuthzConfig, RunningAuthz, start_authz
+from authz.workers import run_workers
 from citadel.errors import ConfigError, PolicyError
 from citadel.logs import configure_logging, get_logger
 
@@ -33,12 +35,16 @@ def policy_error_text(exc: PolicyError, policy_dir: Path) -> str:
     return f"{where}{exc.message}"
 
 
-async def _serve(config: AuthzConfig) -> None:
+async def _serve(
+    config: AuthzConfig, *, on_ready: Callable[[RunningAuthz], None] | None = None
+) -> None:
     running = await start_authz(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:  # a --workers supervisor waits for this
+        on_ready(running)
     await stop.wait()
     get_logger("authz").info("draining", grace_s=config.grace_s)
     await running.stop()
@@ -71,6 +77,14 @@ def serve(
     ] = DEFAULT_MAX_MESSAGE_BYTES,
     grace: Annotated[float, typer.Option(help="Seconds in-flight checks get on SIGTERM.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Processes sharing the gRPC port (SO_REUSEPORT), each with its own engine, "
+            "reload watcher and audit stream; the admin app runs in worker 0.",
+        ),
+    ] = 1,
 ) -> None:
     """Serve envoy.service.auth.v3.Authorization/Check plus the admin HTTP app.
 
@@ -93,6 +107,8 @@ def serve(
     )
     err = Console(stderr=True)
     try:
+        if workers > 1:
+            raise typer.Exit(run_workers(config, workers=workers, log_level=log_level))
         asyncio.run(_serve(config))
     except PolicyError as exc:
         err.print(f"[red]error:[/] policy refused: {policy_error_text(exc, policy_dir)}")
