@@ -40,14 +40,22 @@ from typing import Any
 
 import watchfiles
 
-from authz.engine import Engine, build_engine
-from authz.policy import MODEL_FILE, POLICY_FILE, Policy, load_policy_dir
+from authz.engine import Engine
+from authz.loading import load_engine
+from authz.policy import MODEL_FILE, POLICY_FILE, Policy
 from authz.policytests import failure_error, find_test_files, load_cases, run_cases
 from authz.state import LoadOutcome, PolicyState
 from citadel.errors import PolicyError
 from citadel.logs import get_logger
 
-__all__ = ["ReloadOutcome", "Reloader", "initial_state", "load_candidate", "resolve_dir"]
+__all__ = [
+    "ReloadOutcome",
+    "Reloader",
+    "initial_state",
+    "load_candidate",
+    "register_metrics",
+    "resolve_dir",
+]
 
 log = get_logger("authz.reload")
 
@@ -127,16 +135,14 @@ def load_candidate(policy_dir: str | Path, *, run_tests: bool = True) -> tuple[P
 
 
 def _load_from(real: Path, *, source: str, run_tests: bool) -> tuple[Policy, Engine]:
-    policy = dataclasses.replace(load_policy_dir(real), source=source)
     try:
-        engine = build_engine(policy)
+        loaded = load_engine(real)  # read, validate, build (and rule counts for /v1/policy)
     except PolicyError as exc:
         if exc.file == MODEL_FILE and exc.line is None and "matcher" in exc.message.lower():
-            line = _matcher_line(policy.model_text)
-            raise PolicyError(exc.message, file=exc.file, line=line) from exc
+            text = _read_text(real / MODEL_FILE)
+            raise PolicyError(exc.message, file=exc.file, line=_matcher_line(text)) from exc
         raise
-    except Exception as exc:  # an engine bug must not take enforcement down
-        raise PolicyError(f"policy does not build: {type(exc).__name__}: {exc}") from exc
+    policy, engine = dataclasses.replace(loaded.policy, source=source), loaded.engine
     _probe(engine, policy)
     if run_tests:
         cases = load_cases(real)
@@ -145,6 +151,13 @@ def _load_from(real: Path, *, source: str, run_tests: bool) -> tuple[Policy, Eng
             if not report.ok:
                 raise failure_error(report)
     return policy, engine
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _probe(engine: Engine, policy: Policy) -> None:
@@ -171,7 +184,13 @@ def _matcher_line(model_text: str) -> int | None:
     return None
 
 
-def initial_state(policy_dir: str | Path, *, run_tests: bool = True) -> PolicyState:
+def initial_state(
+    policy_dir: str | Path,
+    *,
+    run_tests: bool = True,
+    clock: Callable[[], float] = time.time,
+    history_size: int = 20,
+) -> PolicyState:
     """The serving state at start-up; PolicyError (a clear message) when nothing valid."""
     d = Path(policy_dir)
     state = _dir_state(d)
@@ -187,7 +206,7 @@ def initial_state(policy_dir: str | Path, *, run_tests: bool = True) -> PolicySt
         raise PolicyError(
             f"no valid policy in {d}: {where}{exc.message}", file=exc.file, line=exc.line
         ) from exc
-    return PolicyState(engine, source=str(d))
+    return PolicyState(engine, source=str(d), clock=clock, history_size=history_size)
 
 
 _gc_lock = threading.Lock()
@@ -475,3 +494,37 @@ class Reloader:
             "directory_missing": int(self.directory_missing),
             "revision": self.state.revision,
         }
+
+
+class _ReloaderCollector:
+    """Read at scrape time, so a reload costs nothing here (names: citadel_authz_reload_*)."""
+
+    def __init__(self, reloader: Reloader) -> None:
+        self._r = reloader
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        r = self._r
+        for name, doc, value in (
+            ("attempts", "Policy loads attempted (watch, poll or explicit).", r.attempts),
+            ("noops", "Loads that found the serving revision unchanged.", r.noops),
+            ("watch_events", "Filesystem events seen on the policy directory.", r.watch_events),
+            ("polls", "Fallback content checks (for mounts where inotify misses).", r.polls),
+        ):
+            yield CounterMetricFamily(f"citadel_authz_reload_{name}", doc, value=value)
+        yield GaugeMetricFamily(
+            "citadel_authz_reload_last_duration_seconds",
+            "Load + validate + test time of the last successful load.",
+            value=r.last_duration_s,
+        )
+        yield GaugeMetricFamily(
+            "citadel_authz_reload_directory_missing",
+            "1 while the policy directory is gone or empty (the last good keeps serving).",
+            value=int(r.directory_missing),
+        )
+
+
+def register_metrics(registry: Any, reloader: Reloader) -> None:
+    """Expose the reloader's counters in a prometheus_client registry."""
+    registry.register(_ReloaderCollector(reloader))

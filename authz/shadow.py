@@ -34,7 +34,7 @@ from citadel.audit import AuditLog
 from citadel.errors import PolicyError
 from citadel.logs import get_logger
 
-__all__ = ["SHADOW_KIND", "ShadowEvaluator", "ShadowResult"]
+__all__ = ["SHADOW_KIND", "ShadowEvaluator", "ShadowResult", "register_metrics"]
 
 SHADOW_KIND = "authz.shadow"
 log = get_logger("authz.shadow")
@@ -179,3 +179,49 @@ class ShadowEvaluator:
                 "shadow_audit_failures": self.shadow_audit_failures,
                 "shadow_revision": self.state.revision,
             }
+
+
+class _ShadowCollector:
+    def __init__(self, shadow: ShadowEvaluator) -> None:
+        self._s = shadow
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
+
+        m = self._s.metrics()
+        yield CounterMetricFamily(
+            "citadel_authz_shadow_allowed",
+            "Requests the shadow (candidate) policy would allow (Envoy RBAC shadow_allowed).",
+            value=m["shadow_allowed"],
+        )
+        yield CounterMetricFamily(
+            "citadel_authz_shadow_denied",
+            "Requests the shadow (candidate) policy would deny (Envoy RBAC shadow_denied).",
+            value=m["shadow_denied"],
+        )
+        dis = CounterMetricFamily(
+            "citadel_authz_shadow_disagreements",
+            "Requests the shadow policy decides differently from the enforced one.",
+            labels=["shadow"],
+        )
+        dis.add_metric(["would_allow"], m["shadow_would_allow"])
+        dis.add_metric(["would_deny"], m["shadow_would_deny"])
+        yield dis
+        yield CounterMetricFamily(
+            "citadel_authz_shadow_errors",
+            "Shadow decisions that failed (never affecting the enforced one).",
+            value=m["shadow_errors"],
+        )
+        yield CounterMetricFamily(
+            "citadel_authz_shadow_audit_failures",
+            "authz.shadow audit records that could not be written.",
+            value=m["shadow_audit_failures"],
+        )
+        info = InfoMetricFamily("citadel_authz_shadow_policy", "The shadow policy revision.")
+        info.add_metric([], {"revision": str(m["shadow_revision"])})
+        yield info
+
+
+def register_metrics(registry: Any, shadow: ShadowEvaluator) -> None:
+    """Expose the shadow counters (and its reloader's) in a prometheus_client registry."""
+    registry.register(_ShadowCollector(shadow))
