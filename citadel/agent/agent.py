@@ -141,9 +141,18 @@ class Agent:
         expected = expected_spiffe_id(token, self.config.trust_domain)
         key = generate_key(self.config.key_type)
         csr = build_csr(key=key, spiffe_id=expected)
-        chain = await client.create_certificate(
-            csr, token=token, ttl_seconds=self.config.ttl_seconds
-        )
+        try:
+            chain = await client.create_certificate(
+                csr, token=token, ttl_seconds=self.config.ttl_seconds
+            )
+        except FetchError as exc:
+            if expected is not None and exc.code in ("PERMISSION_DENIED", "INVALID_ARGUMENT"):
+                exc.message = (
+                    f"{exc.message} (this agent asked for {expected}: "
+                    "is --trust-domain the CA's trust domain?)"
+                )
+                exc.args = (exc.message,)
+            raise
         svid = verify_chain(
             cert_chain=chain,
             key=key,

@@ -87,6 +87,14 @@ async def start_agent(
 async def run_agent(
     config: AgentConfig, *, sds_socket: Path | None, admin: tuple[str, int] | None
 ) -> int:
+    _log.info(
+        "starting",
+        ca=config.ca_address,
+        out_dir=str(config.out_dir),
+        key_type=str(config.key_type),
+        trust_domain=config.trust_domain.name,
+        ttl_seconds=config.ttl_seconds,
+    )
     running = await start_agent(config, sds_socket=sds_socket, admin=admin)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -23,6 +23,7 @@ from spiffe import X509Bundle, X509Svid
 from citadel.agent.agent import Agent, AgentConfig, GiveUp
 from citadel.agent.files import KEY_FILE, SVID_FILE, read_set
 from citadel.agent.run import start_agent
+from citadel.spiffe import TrustDomain
 from tests.citadel.agent.ca_harness import CaHarness
 from tests.conftest import free_port
 
@@ -327,3 +328,28 @@ def test_ca_down_during_renewal_old_cert_serves_until_expiry(tmp_path):
     finally:
         harness.close()
         os.sync()
+
+
+def test_wrong_trust_domain_is_refused_with_a_clear_message(ca, tmp_path):
+    agent = Agent(
+        AgentConfig(
+            ca_address=ca.address,
+            ca_root=ca.root_path,
+            token_file=_token(ca, tmp_path),
+            out_dir=tmp_path / "out",
+            trust_domain=TrustDomain("other.example"),
+        )
+    )
+
+    async def go() -> None:
+        try:
+            with pytest.raises(
+                GiveUp,
+                match=r"trust domain cluster.local, not other.example \(set --trust-domain\)",
+            ):
+                await agent.fetch_once()
+        finally:
+            await agent.close()
+
+    asyncio.run(go())
+    assert agent.failures == 1

@@ -47,6 +47,8 @@ class ScriptedCA(ca_pb2_grpc.IstioCertificateServiceServicer):
         if step == "exhausted":
             context.set_trailing_metadata((("retry-after", self.script.retry_after),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded")
+        if step == "denied":
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "CSR SAN does not match")
         if step == "unauthenticated":
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "token did not verify")
         csr = x509.load_pem_x509_csr(request.csr.encode())

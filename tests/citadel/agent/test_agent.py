@@ -95,6 +95,7 @@ def test_token_file_is_reread_on_every_request(pki, tmp_path):
         pytest.param("two_uris", "exactly one URI SAN", id="two-uri-sans"),
         pytest.param("other_ca", "does not verify", id="chain-from-another-ca"),
         pytest.param("unauthenticated", "UNAUTHENTICATED", id="token-refused"),
+        pytest.param("denied", "is --trust-domain the CA's trust domain", id="identity-refused"),
     ],
 )
 def test_bad_answers_are_refused_without_retry_and_nothing_written(pki, tmp_path, step, words):
@@ -223,3 +224,21 @@ def test_backoff_grows_is_capped_and_jittered():
     assert b.next_delay(floor=20) == 20
     b.reset()
     assert b.next_delay() <= 1
+
+
+@pytest.mark.parametrize(
+    ("path", "health", "status", "word"),
+    [
+        pytest.param("/readyz", {"ready": True, "at_risk": False}, 200, "ready", id="ready"),
+        pytest.param("/readyz", {"ready": False, "at_risk": False}, 503, "not-ready", id="no-cert"),
+        pytest.param("/healthz", {"ready": True, "at_risk": False}, 200, "ok", id="healthy"),
+        pytest.param("/healthz", {"ready": True, "at_risk": True}, 503, "at-risk", id="overdue"),
+        pytest.param("/nope", {"ready": True, "at_risk": False}, 404, None, id="unknown-path"),
+    ],
+)
+def test_admin_routes(path, health, status, word):
+    from citadel.agent.health import route
+
+    got_status, body = route(path, health)
+    assert got_status == status
+    assert body.get("status") == word
