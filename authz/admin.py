@@ -33,7 +33,7 @@ from authz.loading import counts_for, reload_state
 from authz.metrics import AuthzMetrics
 from authz.request import ANONYMOUS, Refused, principal_from_xfcc, trace_id_from
 from authz.service import DECISION_HEADER
-from authz.state import PolicyState
+from authz.state import LoadOutcome, PolicyState
 
 __all__ = ["AdminApp", "ExplainRequest", "create_admin_app", "problem"]
 
@@ -112,6 +112,7 @@ def _build_api(
     metrics: AuthzMetrics,
     ready: Callable[[], bool],
     http_prefix: str,
+    reload: Callable[[], LoadOutcome] | None = None,
 ) -> FastAPI:
     api = FastAPI(
         title="citadel authz admin",
@@ -163,7 +164,8 @@ def _build_api(
 
     @api.post("/v1/reload", summary="Reload the policy directory now; last good wins.")
     async def post_reload() -> Response:
-        outcome = await asyncio.to_thread(reload_state, state)
+        # The server's Reloader when there is one: serialised with the watcher, tests gate.
+        outcome = await asyncio.to_thread(reload or (lambda: reload_state(state)))
         body = outcome.as_dict()
         if outcome.ok:
             return JSONResponse(body)
@@ -263,6 +265,9 @@ def create_admin_app(
     ready: Callable[[], bool] = lambda: True,
     http_prefix: str = "/ext_authz",
     trust_xfcc: bool = False,
+    reload: Callable[[], LoadOutcome] | None = None,
 ) -> AdminApp:
-    api = _build_api(state=state, metrics=metrics, ready=ready, http_prefix=http_prefix)
+    api = _build_api(
+        state=state, metrics=metrics, ready=ready, http_prefix=http_prefix, reload=reload
+    )
     return AdminApp(api=api, pipeline=pipeline, http_prefix=http_prefix, trust_xfcc=trust_xfcc)

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from authz.engine import Engine
 from authz.metrics import AuthzMetrics
@@ -25,6 +25,9 @@ from authz.request import ANONYMOUS, Refused, RequestTuple, request_tuple
 from authz.state import PolicyState
 from citadel.audit import AuditLog
 from citadel.errors import AuditError
+
+if TYPE_CHECKING:
+    from authz.shadow import ShadowEvaluator
 from citadel.logs import get_logger
 
 __all__ = ["AUDIT_KIND", "DecisionPipeline", "Explanation", "Outcome", "explain_request"]
@@ -65,12 +68,15 @@ class DecisionPipeline:
         state: PolicyState,
         audit: AuditLog,
         metrics: AuthzMetrics | None = None,
+        shadow: ShadowEvaluator | None = None,
         clock_ns: Callable[[], int] = time.perf_counter_ns,
         id_prefix: str | None = None,
     ) -> None:
         self.state = state
         self._audit = audit
         self._metrics = metrics
+        #: ``--shadow-policy-dir``: a candidate decided beside every Check (authz/shadow.py).
+        self.shadow = shadow
         self._clock_ns = clock_ns
         # Decision ids: a random per-process prefix and a counter; unique across
         # replicas and restarts, and far cheaper than a uuid4 per request.
@@ -120,8 +126,12 @@ class DecisionPipeline:
             outcome = Outcome(False, decision_id, 403, "no_rule", NO_RULE, None, revision, tup)
         else:
             outcome = Outcome(False, decision_id, 403, "deny_rule", DENY_RULE, rule, revision, tup)
-        return self._record(outcome, principal, host, method, path,
-                            transport, started_ns, request_id, trace_id)  # fmt: skip
+        result = self._record(outcome, principal, host, method, path,
+                              transport, started_ns, request_id, trace_id)  # fmt: skip
+        if self.shadow is not None:  # after the enforced record; never raises, never enforces
+            self.shadow.compare(tup.sub, tup.dom, tup.obj, tup.act, decision,
+                                decision_id=decision_id)  # fmt: skip
+        return result
 
     def refuse(
         self,

@@ -31,9 +31,12 @@ from grpc_reflection.v1alpha import reflection
 
 from authz.admin import AdminApp, create_admin_app
 from authz.decisions import DecisionPipeline
-from authz.loading import initial_state
 from authz.metrics import AuthzMetrics
+from authz.reload import Reloader, initial_state
+from authz.reload import register_metrics as register_reload_metrics
 from authz.service import SERVICE_NAME, AuthorizationServicer, generic_handler
+from authz.shadow import ShadowEvaluator
+from authz.shadow import register_metrics as register_shadow_metrics
 from authz.state import PolicyState
 from citadel.audit import AuditLog, open_audit_log
 from citadel.errors import ConfigError
@@ -63,6 +66,13 @@ class AuthzConfig:
     reuse_port: bool = False
     #: Checks queued before the server starts shedding them (CANCELLED, so Envoy denies).
     max_pending: int = 10_000
+    #: Watch policy_dir (and shadow_policy_dir) and hot-reload them (authz/reload.py).
+    #: A caller that passes its own ``state`` to start_authz manages that state's watching.
+    watch_policy: bool = True
+    reload_debounce_s: float = 0.2
+    reload_poll_s: float = 5.0
+    #: A candidate policy decided beside every Check, never enforced (authz/shadow.py).
+    shadow_policy_dir: Path | None = None
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -142,6 +152,8 @@ class RunningAuthz:
     _owns_audit: bool
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
+    reloader: Reloader | None = None
+    shadow: ShadowEvaluator | None = None
 
     @property
     def serving(self) -> bool:
@@ -157,6 +169,9 @@ class RunningAuthz:
         with contextlib.suppress(Exception):
             await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        for watcher in (self.reloader, self.shadow):
+            if watcher is not None:
+                await asyncio.to_thread(watcher.stop)
         if self._uvicorn is not None and self._admin_task is not None:
             self._uvicorn.should_exit = True
             try:
@@ -180,8 +195,15 @@ async def start_authz(
     clock: Callable[[], float] = time.time,
 ) -> RunningAuthz:
     """Load the policy, bind both listeners, start serving; raise before listening on error."""
-    if state is None:
-        state = initial_state(config.policy_dir, clock=clock)  # PolicyError: fail closed
+    watch = config.watch_policy and state is None
+    if state is None:  # PolicyError (with the policy's own tests as a gate): fail closed
+        state = initial_state(config.policy_dir, clock=clock)
+    reloader = Reloader(
+        state,
+        config.policy_dir,
+        debounce=config.reload_debounce_s,
+        poll_interval=config.reload_poll_s,
+    )
     creds = _server_credentials(config)
     owns_audit = audit is None
     if audit is None:
@@ -194,8 +216,19 @@ async def start_authz(
         admin_sock = _bind_admin_socket(config.admin_listen) if config.admin_listen else None
         if admin_sock is not None:
             cleanup.append(admin_sock.close)
+        shadow = None
+        if config.shadow_policy_dir is not None:
+            shadow = ShadowEvaluator.from_dir(
+                config.shadow_policy_dir,
+                audit=audit,
+                debounce=config.reload_debounce_s,
+                poll_interval=config.reload_poll_s,
+            )
         metrics = AuthzMetrics(state=state)
-        pipeline = DecisionPipeline(state=state, audit=audit, metrics=metrics)
+        register_reload_metrics(metrics.registry, reloader)
+        if shadow is not None:
+            register_shadow_metrics(metrics.registry, shadow)
+        pipeline = DecisionPipeline(state=state, audit=audit, metrics=metrics, shadow=shadow)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -242,7 +275,12 @@ async def start_authz(
         config=config, state=state, pipeline=pipeline, metrics=metrics, audit=audit,
         grpc_port=bound, admin_port=None, admin_app=None, _server=server, _health=health,
         _uvicorn=None, _admin_task=None, _owns_audit=owns_audit,
+        reloader=reloader, shadow=shadow,
     )  # fmt: skip
+    if watch:
+        reloader.start()
+    if shadow is not None and config.watch_policy:
+        shadow.start()
     if admin_sock is not None:
         app = create_admin_app(
             state=state,
@@ -251,6 +289,7 @@ async def start_authz(
             ready=lambda: running.serving,
             http_prefix=config.http_prefix,
             trust_xfcc=config.trust_xfcc,
+            reload=reloader.reload_now,
         )
         uv = _EmbeddedUvicorn(
             uvicorn.Config(
