@@ -116,6 +116,7 @@ def _authenticator(
     token_auth: TokenAuth,
     jwks_file: Path | None,
     oidc_issuer: str | None,
+    oidc_ca_file: Path | None,
     issuers: list[str] | None,
     kubeconfig: Path | None,
     audiences: list[str],
@@ -133,6 +134,7 @@ def _authenticator(
         return JwksAuthenticator(
             jwks_file=jwks_file,
             oidc_issuer=oidc_issuer,
+            ca_file=oidc_ca_file,
             issuers=issuers or None,
             audiences=audiences,
             leeway=leeway,
@@ -162,6 +164,10 @@ def serve(
     ] = None,
     oidc_issuer: Annotated[
         str | None, typer.Option("--oidc-issuer", help="OIDC issuer URL; keys via discovery.")
+    ] = None,
+    oidc_ca_file: Annotated[
+        Path | None,
+        typer.Option("--oidc-ca-file", help="CA bundle for the OIDC issuer's TLS (jwks)."),
     ] = None,
     issuer: Annotated[
         list[str] | None,
@@ -233,6 +239,7 @@ def serve(
             token_auth=token_auth,
             jwks_file=jwks_file,
             oidc_issuer=oidc_issuer,
+            oidc_ca_file=oidc_ca_file,
             issuers=issuer,
             kubeconfig=kubeconfig,
             audiences=audiences,
