@@ -256,7 +256,8 @@ class RunningPlane:
     ca_audit: AuditLog
     authz_audit: AuditLog
     info: UpInfo
-    reloader: Any = None
+    #: The policy directory is watched and hot-reloaded (last good wins).
+    watching: bool = False
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -269,9 +270,6 @@ class RunningPlane:
             return
         self._stopped = True
         grace = self.config.grace if grace is None else grace
-        if self.reloader is not None:
-            with contextlib.suppress(Exception):
-                self.reloader.stop(1.0)
         # One after the other keeps the shutdown log readable; each drains in parallel
         # with nothing new arriving, because both stop accepting first.
         await self.authz.stop(grace)
@@ -287,21 +285,9 @@ class RunningPlane:
                     path.unlink()
 
 
-def _initial_state(policy_dir: Path) -> tuple[PolicyState, type | None]:
-    """The serving state (policy tests run as a gate when the reloader supports it)."""
-    try:
-        from authz.reload import Reloader, initial_state
-    except ImportError:  # pragma: no cover - reload not installed
-        from authz.loading import initial_state as plain
-
-        return plain(policy_dir), None
-    return initial_state(policy_dir), Reloader
-
-
 async def start_plane(config: PlaneConfig, bootstrap: Bootstrap) -> RunningPlane:
     """Start CA (TLS) + ext_authz (gRPC) + admin (HTTP); raise ConfigError/PolicyError early."""
     audit_path = config.audit_path
-    state, reloader_cls = _initial_state(config.policy_dir)  # PolicyError: nothing listens
     try:
         ca_audit = open_audit_log(audit_path, name="citadel-ca")
         authz_audit = open_audit_log(audit_path, name="authz")
@@ -320,31 +306,28 @@ async def start_plane(config: PlaneConfig, bootstrap: Bootstrap) -> RunningPlane
         extra_services=(lambda server: ca_bundle.add_to_server(server, source),),
         extra_service_names=(ca_bundle.SERVICE_NAME,),
     )
-    ca: RunningCA | None = None
+    authz: RunningAuthz | None = None
     try:
-        ca = await start_ca(ca_config)
+        # The policy first: an invalid one (or one failing its own tests) stops start-up
+        # before anything listens. start_authz watches the directory when asked to.
         authz = await start_authz(
             AuthzConfig(
                 policy_dir=config.policy_dir,
                 listen=config.authz_listen,
                 admin_listen=config.admin_listen,
                 grace_s=config.grace,
+                watch_policy=config.watch_policies,
             ),
-            state=state,
             audit=authz_audit,
         )
+        ca = await start_ca(ca_config)
     except BaseException:
-        if ca is not None:
-            await ca.stop(0)
+        if authz is not None:
+            await authz.stop(0)
         ca_audit.close()
         authz_audit.close()
         raise
-    reloader = None
-    if config.watch_policies and reloader_cls is not None:
-        try:
-            reloader = reloader_cls(state, config.policy_dir).start()
-        except Exception as exc:  # hot reload is a convenience; serving is not at stake
-            _log.warning("policy watch not started", error=str(exc)[:200])
+    reloader = getattr(authz, "reloader", None) if config.watch_policies else None
     assert authz.admin_port is not None
     info = UpInfo(
         pid=os.getpid(),
@@ -369,5 +352,5 @@ async def start_plane(config: PlaneConfig, bootstrap: Bootstrap) -> RunningPlane
         ca_audit=ca_audit,
         authz_audit=authz_audit,
         info=info,
-        reloader=reloader,
+        watching=reloader is not None,
     )

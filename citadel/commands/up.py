@@ -64,7 +64,7 @@ def _print_plane(out: Console, plane: RunningPlane, reused: bool) -> None:
             "policy",
             info.policy_dir,
             f"revision {state.revision[:12]} ({state.engine.kind} engine)"
-            + (", hot reload on" if plane.reloader is not None else ""),
+            + (", hot reload on" if plane.watching else ""),
         ),
         ("audit", info.audit_log, "one hash-chained file, a stream per service"),
         ("tokens", info.jwks, f"JWKS of the dev token issuer (kid {b.issuer.kid[:12]}...)"),
