@@ -378,3 +378,147 @@ def test_swap_and_failure_hooks_run_and_cannot_break_reload(cm: ConfigMapDir) ->
     assert got == ["swap", "fail"]
     m = reloader.metrics()
     assert m["reloads_ok"] == 1 and m["reloads_failed"] == 1 and m["revision"] == state.revision
+
+
+# ---------------------------------------------------------------- through the real server
+
+
+def _check(stub, sub: str, dom: str, obj: str, act: str):
+    from envoy.service.auth.v3 import attribute_context_pb2 as ac
+    from envoy.service.auth.v3 import external_auth_pb2 as ea
+
+    req = ea.CheckRequest(
+        attributes=ac.AttributeContext(
+            source=ac.AttributeContext.Peer(principal="" if sub == "anonymous" else sub),
+            request=ac.AttributeContext.Request(
+                http=ac.AttributeContext.HttpRequest(method=act, host=dom, path=obj)
+            ),
+        )
+    )
+    return stub.Check(req, timeout=5)
+
+
+def test_grpc_checks_during_kubernetes_swaps(start_server, tmp_path: Path) -> None:
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as eag
+    from google.rpc import code_pb2
+
+    from citadel.audit import read_records
+
+    cm = ConfigMapDir(tmp_path / "policy")
+    cm.write({"model.conf": MODEL, "policy.csv": variant(0)})
+    srv = start_server(cm.root, reload_debounce_s=0.05, reload_poll_s=1.0)
+    state = srv.running.state
+    policies = {state.revision: Policy.from_texts(MODEL, variant(0))}
+    answers: list[tuple[str, bool]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with grpc.insecure_channel(srv.grpc_target) as ch:
+            stub = eag.AuthorizationStub(ch)
+            while not stop.is_set():
+                for t in PROBES:
+                    try:
+                        resp = _check(stub, *t)
+                    except grpc.RpcError as exc:
+                        errors.append(exc)
+                        continue
+                    ok = resp.status.code == code_pb2.OK
+                    hdrs = resp.ok_response.headers if ok else resp.denied_response.headers
+                    did = {h.header.key: h.header.value for h in hdrs}["x-citadel-decision-id"]
+                    answers.append((did, ok))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(1, 13):
+            p = Policy.from_texts(MODEL, variant(i))
+            policies[p.revision] = p
+            cm.write({"model.conf": MODEL, "policy.csv": variant(i)})
+            wait_for(lambda rev=p.revision: state.revision == rev, 2.0)
+            time.sleep(0.05)  # let some Checks land on each revision
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    records = {
+        r["decision_id"]: r for r in read_records([srv.audit_path]) if r["kind"] == "authz.decision"
+    }
+    assert len(answers) > 200 and len(records) == len(answers)  # one record per Check
+    enforcers = {rev: new_enforcer(p) for rev, p in policies.items()}
+    expected: dict[tuple, bool] = {}
+    revisions = set()
+    for did, ok in answers:
+        rec = records[did]
+        assert (rec["outcome"] == "allow") == ok
+        key = (rec["revision"], rec["principal"], rec["host"], rec["path"], rec["method"])
+        if key not in expected:
+            expected[key] = enforcers[rec["revision"]].enforce(*key[1:])
+        assert expected[key] == ok, key
+        revisions.add(rec["revision"])
+    assert len(revisions) >= 8  # Checks really ran across the swaps
+
+
+def test_post_reload_uses_the_reloader_and_its_test_gate(start_server, tmp_path: Path) -> None:
+    import httpx
+
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "model.conf").write_text(MODEL)
+    (d / "policy.csv").write_text(variant(0))
+    srv = start_server(d, watch_policy=False)
+    good = srv.running.state.revision
+    with httpx.Client(base_url=srv.admin_url) as c:
+        r = c.post("/v1/reload")
+        assert r.status_code == 200 and r.json()["changed"] is False
+        (d / "tests").mkdir()
+        (d / "tests" / "t.yaml").write_text(
+            "- name: frontend deletes orders\n"
+            f"  principal: {FRONTEND}\n  host: {HOST}\n"
+            "  method: DELETE\n  path: /api/orders/1\n  expect: allow\n"
+        )
+        r = c.post("/v1/reload")  # the policy's own test fails against it: refused
+        assert r.status_code == 422
+        assert "policy test 'frontend deletes orders' failed" in r.json()["detail"]
+        status = c.get("/v1/policy").json()
+        assert status["revision"] == good
+        assert status["last_error"]["file"] == "tests/t.yaml" and status["last_error"]["line"] == 1
+        (d / "policy.csv").write_text(variant(1))  # odd variants allow DELETE: tests pass
+        r = c.post("/v1/reload")
+        assert r.status_code == 200 and r.json()["changed"] is True
+        assert c.get("/v1/policy").json()["revision"] == r.json()["revision"] != good
+        text = c.get("/metrics").text
+        assert "citadel_authz_reload_attempts_total 3.0" in text
+        assert 'citadel_authz_policy_reloads_total{outcome="failed"} 1.0' in text
+
+
+@pytest.mark.parametrize("defect", ["wrong_arity", "failing_policy_test"])
+def test_serve_with_broken_policy_exits_nonzero(tmp_path: Path, defect: str) -> None:
+    import subprocess
+    import sys
+
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "model.conf").write_text(MODEL)
+    (d / "policy.csv").write_text(variant(0))
+    if defect == "wrong_arity":
+        (d / "policy.csv").write_text(f"p, role:x, {HOST}, /a, ^GET$\n")
+    elif defect == "failing_policy_test":
+        (d / "x.test.yaml").write_text(
+            f"- name: nobody\n  host: {HOST}\n  method: GET\n  path: /api/orders\n  expect: allow\n"
+        )
+    proc = subprocess.run(
+        [sys.executable, "-m", "citadel.cli", "authz", "serve", "--policy-dir", str(d),
+         "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--audit-log", "-"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert {
+        "wrong_arity": "policy.csv:1",
+        "failing_policy_test": "policy test 'nobody' failed",
+    }[defect] in out
+    assert "Traceback" not in out

@@ -133,3 +133,43 @@ def test_shadow_policy_hot_reloads(tmp_path: Path) -> None:
     t = (PROM, ORDERS_HOST, "/api/orders", "GET")
     r = shadow.compare(*t, enforced.engine.decide(*t))
     assert r is not None and r.allowed and not r.agrees
+
+
+def test_shadow_through_the_server(start_server, tmp_path: Path) -> None:
+    """--shadow-policy-dir: Envoy gets the enforced answers; the log and /metrics the diff."""
+    import grpc
+    import httpx
+    from envoy.service.auth.v3 import attribute_context_pb2 as ac
+    from envoy.service.auth.v3 import external_auth_pb2 as ea
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as eag
+    from google.rpc import code_pb2
+
+    srv = start_server(POLICIES, shadow_policy_dir=candidate_dir(tmp_path))
+    got = []
+    with grpc.insecure_channel(srv.grpc_target) as ch:
+        stub = eag.AuthorizationStub(ch)
+        for sub, dom, obj, act in REQUESTS:
+            req = ea.CheckRequest(
+                attributes=ac.AttributeContext(
+                    source=ac.AttributeContext.Peer(principal="" if sub == "anonymous" else sub),
+                    request=ac.AttributeContext.Request(
+                        http=ac.AttributeContext.HttpRequest(method=act, host=dom, path=obj)
+                    ),
+                )
+            )
+            got.append(stub.Check(req, timeout=5).status.code == code_pb2.OK)
+    assert got == [True, True, False, True, False]  # the enforced (shipped) policy's answers
+    recs = list(read_records([srv.audit_path]))
+    decisions = {r["decision_id"]: r for r in recs if r["kind"] == "authz.decision"}
+    shadows = [r for r in recs if r["kind"] == SHADOW_KIND]
+    assert len(decisions) == 5 and len(shadows) == 2
+    for s in shadows:
+        d = decisions[s["decision_id"]]
+        assert d["outcome"] == s["outcome"] != s["shadow_outcome"]
+        assert d["revision"] == s["revision"] != s["shadow_revision"]
+    assert verify_files([srv.audit_path]).ok
+    text = httpx.get(f"{srv.admin_url}/metrics").text
+    assert "citadel_authz_shadow_allowed_total 3.0" in text
+    assert "citadel_authz_shadow_denied_total 2.0" in text
+    assert 'citadel_authz_shadow_disagreements_total{shadow="would_allow"} 1.0' in text
+    assert 'citadel_authz_shadow_disagreements_total{shadow="would_deny"} 1.0' in text
