@@ -522,3 +522,27 @@ def test_serve_with_broken_policy_exits_nonzero(tmp_path: Path, defect: str) -> 
         "failing_policy_test": "policy test 'nobody' failed",
     }[defect] in out
     assert "Traceback" not in out
+
+
+def test_async_run_task_watches_until_cancelled(cm: ConfigMapDir) -> None:
+    import asyncio
+    import contextlib
+
+    async def main() -> None:
+        state = initial_state(cm.root)
+        reloader = Reloader(state, cm.root, debounce=0.05)
+        task = asyncio.create_task(reloader.run())
+        await asyncio.sleep(0.1)
+        cm.write({"model.conf": MODEL, "policy.csv": variant(5)})
+        rev = Policy.from_texts(MODEL, variant(5)).revision
+        for _ in range(300):
+            if state.revision == rev:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert state.revision == rev
+        assert reloader._thread is None  # stopped with the task
+
+    asyncio.run(main())
