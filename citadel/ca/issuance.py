@@ -227,7 +227,11 @@ class Issuer:
         max_ttl: timedelta = MAX_TTL,
         backdate: timedelta = DEFAULT_BACKDATE,
         max_csr_bytes: int = MAX_CSR_BYTES,
+        self_check: str = "chain",
     ) -> None:
+        """``self_check="chain"`` verifies every leaf up to the root (two signature checks);
+        ``"issuer"`` verifies the whole chain once here, then each leaf against the signing
+        certificate as anchor - the same leaf checks for one ECDSA verification less."""
         if default_ttl <= timedelta(0) or max_ttl <= timedelta(0):
             raise AuthorityError("TTLs must be positive")
         if default_ttl > max_ttl:
@@ -247,8 +251,27 @@ class Issuer:
         self._hash = authority.hash_algorithm
         self._chain_tail = authority.chain_pem
         self._not_after = authority.not_after
+        if self_check not in ("chain", "issuer"):
+            raise AuthorityError("self_check must be 'chain' or 'issuer'")
+        self.self_check = self_check
         self._store = verification.Store([authority.root])
         self._untrusted = authority.untrusted_chain
+        # Prove the whole bundle once, now: a broken layout fails at start, not per call.
+        self._probe()
+        if self_check == "issuer":
+            self._store = verification.Store([authority.signing_cert])
+            self._untrusted = []
+
+    def _probe(self) -> None:
+        probe = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(_EMPTY_NAME)
+            .sign(probe, self._hash)
+            .public_bytes(serialization.Encoding.PEM)
+        )
+        caller = Caller(namespace="citadel-probe", service_account="probe", subject="probe")
+        self.issue(caller, csr)
 
     # ------------------------------------------------------------------ policy
 

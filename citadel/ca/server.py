@@ -66,6 +66,8 @@ class CAConfig:
     default_ttl: timedelta = DEFAULT_TTL
     max_ttl: timedelta = MAX_TTL
     backdate: timedelta = DEFAULT_BACKDATE
+    #: "chain" (every leaf verified up to the root) or "issuer" (see ``Issuer``).
+    self_check: str = "chain"
     insecure_plaintext: bool = False
     #: SANs of the serving certificate; entries that parse as IPs become IP SANs.
     dns_names: Sequence[str] = DEFAULT_DNS_NAMES
@@ -197,6 +199,7 @@ async def start_ca(config: CAConfig) -> RunningCA:
         default_ttl=config.default_ttl,
         max_ttl=config.max_ttl,
         backdate=config.backdate,
+        self_check=config.self_check,
     )
     servicer = IstioCertificateServicer(
         authenticator=config.authenticator,

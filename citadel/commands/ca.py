@@ -32,6 +32,11 @@ app = typer.Typer(no_args_is_help=True, help="Certificate authority: init and se
 KeyType = enum.Enum("KeyType", {k.replace("-", "_"): k for k in KEY_TYPES}, type=str)  # type: ignore[misc]
 
 
+class SelfCheck(enum.StrEnum):
+    chain = "chain"
+    issuer = "issuer"
+
+
 class TokenAuth(enum.StrEnum):
     jwks = "jwks"
     tokenreview = "tokenreview"
@@ -186,6 +191,14 @@ def serve(
     max_ttl: Annotated[str, typer.Option("--max-ttl", help="Longer requests are clamped.")] = "24h",
     backdate: Annotated[str, typer.Option("--backdate", help="NotBefore backdate.")] = "30s",
     leeway: Annotated[str, typer.Option("--leeway", help="Token clock leeway (jwks).")] = "30s",
+    self_check: Annotated[
+        SelfCheck,
+        typer.Option(
+            "--self-check",
+            help="Verify each leaf up to the root (chain), or against the intermediate "
+            "after one full-chain check at start (issuer; one ECDSA verify less per call).",
+        ),
+    ] = SelfCheck.chain,
     timeout: Annotated[
         str, typer.Option("--tokenreview-timeout", help="Kubernetes API deadline.")
     ] = "5s",
@@ -266,6 +279,7 @@ def serve(
         default_ttl=durations["--default-ttl"],
         max_ttl=durations["--max-ttl"],
         backdate=durations["--backdate"],
+        self_check=self_check.value,
         insecure_plaintext=insecure_plaintext,
         dns_names=tuple(dns_name or DEFAULT_DNS_NAMES),
         access=AccessLists.build(

@@ -278,7 +278,8 @@ def test_invalid_identity_refused(issuer: Issuer) -> None:
         issuer.issue(weird, make_csr())
 
 
-def test_self_check_refuses_a_bad_leaf(authority: Authority, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["chain", "issuer"])
+def test_self_check_refuses_a_bad_leaf(authority: Authority, tmp_path: Path, mode: str) -> None:
     """An authority whose key does not match its certificate signs leaves that cannot
     verify; the self-check must catch it instead of handing them out."""
     other = init_authority(tmp_path / "other", trust_domain="cluster.local", clock=clock)
@@ -289,7 +290,16 @@ def test_self_check_refuses_a_bad_leaf(authority: Authority, tmp_path: Path) -> 
         key=other.key,
     )
     with pytest.raises(AuthorityError, match="self-verification"):
-        Issuer(broken, clock=clock).issue(CALLER, make_csr())
+        Issuer(broken, clock=clock, self_check=mode).issue(CALLER, make_csr())
+
+
+def test_issuer_anchored_self_check_issues_the_same_leaves(authority: Authority) -> None:
+    iss = Issuer(authority, clock=clock, self_check="issuer")
+    out = iss.issue(CALLER, make_csr())
+    out.certificate.verify_directly_issued_by(authority.signing_cert)
+    assert str(out.spiffe_id) == WEB and out.chain_pem[1:] == authority.chain_pem
+    with pytest.raises(AuthorityError, match="'chain' or 'issuer'"):
+        Issuer(authority, self_check="none")
 
 
 def test_self_check_refuses_expired_window(authority: Authority) -> None:

@@ -210,6 +210,14 @@ def test_issued_svid_is_valid_everywhere(
     assert "eyJ" not in ca_server.audit_path.read_text()  # no JWT anywhere
 
 
+def test_issuer_anchored_self_check_serves_the_same_svids(ca_state: Path, tmp_path: Path) -> None:
+    with running_ca(ca_state, self_check="issuer", audit_path=tmp_path / "audit.log") as h:
+        pems = list(create(h, csr_pem(), token=h.token()).cert_chain)
+    certs = [x509.load_pem_x509_certificate(p.encode()) for p in pems]
+    assert_x509_svid(certs[0], certs, WEB)
+    openssl_verify(tmp_path, pems[-1], pems[1:-1], pems[0])
+
+
 def test_ttl_default_and_clamp(ca_server: CAHandle, channel: grpc.Channel) -> None:
     tok = ca_server.token()
     for requested, expected in ((0, 3600), (90 * 86400, 86400)):
