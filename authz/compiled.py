@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import operator
 import re
 import sys
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from casbin import model as casbin_model
@@ -35,7 +36,7 @@ from casbin.constant.constants import (
 )
 from casbin.model.function import FunctionMap
 
-from authz.matchers import PATTERN_FUNCTIONS, Level, compile_pattern, make_level
+from authz.matchers import PATTERN_FUNCTIONS, Level, compile_pattern, make_level, trie_exact
 from citadel.errors import PolicyError
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ POLICY_FILE = "policy.csv"
 #: pycasbin's default RoleManager(10): ``has_link`` looks at most 9 links deep.
 MAX_HIERARCHY_LEVEL = 10
 DEFAULT_CACHE_SIZE = 65_536
+#: (caller, host) pairs whose role/host index nodes are kept; real meshes have far fewer.
+PLAN_CACHE_SIZE = 16_384
 _NONE = sys.maxsize  # "no row" in a leaf; any real row index is smaller
 
 _SECTIONS = {
@@ -379,9 +382,24 @@ class CompiledEngine:
         self._direct = self._direct_roles(analysis)
         self._g_domains = {k: n >= 3 for k, n in analysis.g_arity.items()}
         self._levels = self._make_levels(analysis)
+        # The leading exact/role/prefix levels depend on few request fields (sub, dom):
+        # the nodes they reach are memoised per those fields, so a new path for a caller
+        # and host seen before only walks the path and method levels.
+        head = 0
+        while head < len(self._levels) and self._levels[head].func in ("==", "g", "keyMatch"):
+            head += 1
+        self._head, self._tail = self._levels[:head], self._levels[head:]
+        fields = sorted(
+            {c.ri for c in self._head_conjuncts(analysis, head)}
+            | {c.dom_ri for c in self._head_conjuncts(analysis, head) if c.dom_ri is not None}
+        )
+        self._plan_key = operator.itemgetter(*fields) if fields else (lambda _req: None)
+        self._plans: dict[Any, tuple[Any, ...]] = {}
         _validate_patterns(analysis)
         self._root = self._build(analysis)
-        self._default = Decision(self._effect == DENY_OVERRIDE_EFFECT, None, revision)
+        eft_at = analysis.p_tokens.index("p_eft") if "p_eft" in analysis.p_tokens else None
+        #: (decision, the same marked cached) per deciding row; [-1] when none decided.
+        self._decide_table = self._decision_table(analysis.p_rows, eft_at)
 
     # -- build -------------------------------------------------------------------------
     @staticmethod
@@ -397,11 +415,18 @@ class CompiledEngine:
                     roles.append(row[1])
         return out
 
-    def _make_levels(self, a: Analysis) -> list[Level]:
+    @staticmethod
+    def _ordered(a: Analysis) -> list[Conjunct]:
         assert a.conjuncts is not None
         order = {"==": 0, "g": 0, "keyMatch": 1, "keyMatch2": 2}
+        return sorted(a.conjuncts, key=lambda c: order.get(c.func, 3))
+
+    def _head_conjuncts(self, a: Analysis, head: int) -> list[Conjunct]:
+        return self._ordered(a)[:head]
+
+    def _make_levels(self, a: Analysis) -> list[Level]:
         levels: list[Level] = []
-        for c in sorted(a.conjuncts, key=lambda c: order.get(c.func, 3)):
+        for c in self._ordered(a):
             names = None
             if c.func == "g":
                 names = self._names_fn(c)
@@ -431,7 +456,7 @@ class CompiledEngine:
         if not a.p_rows:
             # pycasbin evaluates the matcher once with every policy field "" and counts a
             # match as allow (with no row to explain it).
-            items.append((("",) * len(a.p_tokens), -1, False))
+            items.append((("",) * len(a.p_tokens), 0, False))  # decision table entry 0
         for idx, row in enumerate(a.p_rows):
             eft = row[eft_at] if eft_at is not None else "allow"
             if eft == "allow":
@@ -460,46 +485,63 @@ class CompiledEngine:
         hit = cache.get(key)
         if hit is not None:
             return hit
-        decision = self._evaluate(key)
-        if self._cache_size:
-            if len(cache) >= self._cache_size:
-                # Evict the oldest entry; another thread may be doing the same.
+        plans = self._plans
+        plan_key = self._plan_key(key)
+        frontier = plans.get(plan_key)
+        if frontier is None:
+            frontier = [self._root]
+            for level in self._head:
+                frontier = level.expand(frontier, key)
+                if not frontier:
+                    break
+            frontier = tuple(frontier)
+            if len(plans) >= PLAN_CACHE_SIZE:
                 with contextlib.suppress(KeyError, RuntimeError, StopIteration):
-                    del cache[next(iter(cache))]
-            cache[key] = replace(decision, cached=True)
-        return decision
-
-    def _evaluate(self, req: tuple[str, str, str, str]) -> Decision:
-        frontier = [self._root]
-        for level in self._levels:
-            nxt: list[Any] = []
-            expand = level.expand
-            for node in frontier:
-                expand(node, req, nxt)
-            if not nxt:
-                return self._default
-            frontier = nxt
+                    del plans[next(iter(plans))]
+            plans[plan_key] = frontier
+        for level in self._tail:
+            if not frontier:
+                break
+            frontier = level.expand(frontier, key)
         allow = deny = _NONE
         for a, d in frontier:
             if a < allow:
                 allow = a
             if d < deny:
                 deny = d
-        return self._combine(allow, deny)
+        pair = self._decide_table[self._pick(allow, deny)]
+        if self._cache_size:
+            if len(cache) >= self._cache_size:
+                # Evict the oldest entry; another thread may be doing the same.
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                    del cache[next(iter(cache))]
+            cache[key] = pair[1]
+        return pair[0]
 
-    def _combine(self, allow: int, deny: int) -> Decision:
+    def _pick(self, allow: int, deny: int) -> int:
+        """The deciding row under this effect (as ``default_effectors`` rules it), or -1."""
         effect = self._effect
         if effect == ALLOW_OVERRIDE_EFFECT:
-            allowed = allow != _NONE
-            idx = allow
-        elif deny != _NONE:
-            allowed, idx = False, deny
-        elif effect == DENY_OVERRIDE_EFFECT:
-            allowed, idx = True, allow
-        else:
-            allowed, idx = allow != _NONE, allow
-        rule = self._rows[idx] if 0 <= idx < len(self._rows) else None
-        return self._decision_type(allowed, rule, self.revision)
+            return allow if allow != _NONE else -1
+        if deny != _NONE:
+            return deny
+        return allow if allow != _NONE else -1
+
+    def _decision_table(self, rows: list[tuple[str, ...]], eft_at: int | None) -> list[Any]:
+        """Every decision this engine can give, built once: index i is row i deciding (an
+        allow row allows, a deny row denies), the last entry is "no row decided"; dataclass
+        construction would otherwise be a fifth of a decision's cost."""
+        make = self._decision_type
+        rev = self.revision
+        table: list[Any] = []
+        for row in rows:
+            allowed = eft_at is None or row[eft_at] != "deny"
+            table.append((make(allowed, row, rev), make(allowed, row, rev, True)))
+        if not rows:  # the empty policy's one evaluation: a match allows, naming no rule
+            table.append((make(True, None, rev), make(True, None, rev, True)))
+        default = self._effect == DENY_OVERRIDE_EFFECT
+        table.append((make(default, None, rev), make(default, None, rev, True)))
+        return table
 
     def roles_for(self, sub: str, dom: str) -> list[str]:
         """pycasbin's ``get_implicit_roles_for_user``: breadth first, no depth limit."""
@@ -527,9 +569,10 @@ def _validate_patterns(a: Analysis) -> None:
     for c in a.conjuncts:
         if c.func in ("==", "g", "keyMatch"):
             continue
+        trie = c.func == "keyMatch2"
         for row, line in zip(a.p_rows, a.p_lines, strict=False):
             key = (c.func, row[c.pj])
-            if key in seen:
+            if key in seen or (trie and trie_exact(row[c.pj])):
                 continue
             seen.add(key)
             try:

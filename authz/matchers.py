@@ -76,7 +76,12 @@ def compile_pattern(func: str, pattern: str) -> Callable[[str], object]:
 
 
 class Level:
-    """One conjunct ``func(r.<ri>, p.<pj>)`` as an index level over pattern groups."""
+    """One conjunct ``func(r.<ri>, p.<pj>)`` as an index level over pattern groups.
+
+    ``expand`` takes the whole frontier (the nodes the previous levels reached) and
+    returns the children that match, so per-request work such as splitting a path
+    happens once per level, not once per node.
+    """
 
     __slots__ = ("func", "pj", "ri")
 
@@ -88,7 +93,7 @@ class Level:
     def make_node(self, children: Mapping[str, Node]) -> Node:
         raise NotImplementedError
 
-    def expand(self, node: Node, req: tuple[str, ...], out: list[Node]) -> None:
+    def expand(self, frontier: list[Node], req: tuple[str, ...]) -> list[Node]:
         raise NotImplementedError
 
 
@@ -100,10 +105,14 @@ class _ExactLevel(Level):
     def make_node(self, children: Mapping[str, Node]) -> Node:
         return dict(children)
 
-    def expand(self, node: Node, req: tuple[str, ...], out: list[Node]) -> None:
-        child = node.get(req[self.ri])
-        if child is not None:
-            out.append(child)
+    def expand(self, frontier: list[Node], req: tuple[str, ...]) -> list[Node]:
+        value = req[self.ri]
+        out = []
+        for node in frontier:
+            child = node.get(value)
+            if child is not None:
+                out.append(child)
+        return out
 
 
 class _RoleLevel(Level):
@@ -118,12 +127,16 @@ class _RoleLevel(Level):
     def make_node(self, children: Mapping[str, Node]) -> Node:
         return dict(children)
 
-    def expand(self, node: Node, req: tuple[str, ...], out: list[Node]) -> None:
-        get = node.get
-        for name in self.names(req):
-            child = get(name)
-            if child is not None:
-                out.append(child)
+    def expand(self, frontier: list[Node], req: tuple[str, ...]) -> list[Node]:
+        names = self.names(req)
+        out = []
+        for node in frontier:
+            get = node.get
+            for name in names:
+                child = get(name)
+                if child is not None:
+                    out.append(child)
+        return out
 
 
 class _PrefixLevel(Level):
@@ -143,15 +156,17 @@ class _PrefixLevel(Level):
                 prefixes.append((pattern[:star], child))
         return exact, tuple(prefixes)
 
-    def expand(self, node: Node, req: tuple[str, ...], out: list[Node]) -> None:
-        exact, prefixes = node
+    def expand(self, frontier: list[Node], req: tuple[str, ...]) -> list[Node]:
         value = req[self.ri]
-        child = exact.get(value)
-        if child is not None:
-            out.append(child)
-        for prefix, child in prefixes:
-            if value.startswith(prefix):
+        out = []
+        for exact, prefixes in frontier:
+            child = exact.get(value)
+            if child is not None:
                 out.append(child)
+            for prefix, child in prefixes:
+                if value.startswith(prefix):
+                    out.append(child)
+        return out
 
 
 class _Trie:
@@ -186,31 +201,32 @@ def _trie_segments(pattern: str) -> list[tuple[str, str]] | None:
     return out
 
 
-class _PathLevel(Level):
-    """``keyMatch2``: a segment trie for RESTful patterns, pycasbin's regex for the rest.
+def trie_exact(pattern: str) -> bool:
+    """True when the trie decides ``pattern`` (so its regex is known to be valid)."""
+    return pattern == "*" or _trie_segments(pattern) is not None
 
-    Values containing a newline (where ``.`` and ``$`` behave specially) go through the
-    regexes of every pattern in the node, so the trie never has to model them.
-    """
 
-    __slots__ = ()
+class _PathNode:
+    """One keyMatch2 node: a trie, the non-RESTful patterns as regexes, and (built on
+    first need) every pattern's regex for values with a newline."""
 
-    def make_node(self, children: Mapping[str, Node]) -> Node:
-        root = _Trie()
+    __slots__ = ("anything", "children", "every", "regexes", "root")
+
+    def __init__(self, children: Mapping[str, Node]) -> None:
+        self.root = _Trie()
+        self.children = dict(children)
+        self.every: tuple[tuple[Callable[[str], object], Node], ...] | None = None
         anything: list[Node] = []
         regexes: list[tuple[Callable[[str], object], Node]] = []
-        every: list[tuple[Callable[[str], object], Node]] = []
         for pattern, child in children.items():
-            match = key_match2_regex(pattern).match
-            every.append((match, child))
             if pattern == "*":
                 anything.append(child)
                 continue
             segs = _trie_segments(pattern)
             if segs is None:
-                regexes.append((match, child))
+                regexes.append((key_match2_regex(pattern).match, child))
                 continue
-            t = root
+            t = self.root
             for kind, lit in segs:
                 if kind == "lit":
                     nxt = t.lit.get(lit)
@@ -221,44 +237,76 @@ class _PathLevel(Level):
                     if t.param is None:
                         t.param = _Trie()
                     t = t.param
-                else:  # tail
-                    break
             if segs[-1][0] == "tail":
                 t.tail.append(child)
             else:
                 t.end.append(child)
-        return root, tuple(anything), tuple(regexes), tuple(every)
+        self.anything = tuple(anything)
+        self.regexes = tuple(regexes)
 
-    def expand(self, node: Node, req: tuple[str, ...], out: list[Node]) -> None:
-        root, anything, regexes, every = node
-        value = req[self.ri]
-        if "\n" in value:
-            for match, child in every:
-                if match(value):
-                    out.append(child)
-            return
-        out.extend(anything)
-        for match, child in regexes:
+    def with_newline(self, value: str, out: list[Node]) -> None:
+        every = self.every
+        if every is None:  # two threads may both build it; they build the same thing
+            every = self.every = tuple(
+                (key_match2_regex(p).match, c) for p, c in self.children.items()
+            )
+        for match, child in every:
             if match(value):
                 out.append(child)
+
+
+class _PathLevel(Level):
+    """``keyMatch2``: a segment trie for RESTful patterns, pycasbin's regex for the rest.
+
+    Values containing a newline (where ``.`` and ``$`` behave specially) go through the
+    regexes of every pattern in the node, so the trie never has to model them.
+    """
+
+    __slots__ = ()
+
+    def make_node(self, children: Mapping[str, Node]) -> Node:
+        return _PathNode(children)
+
+    def expand(self, frontier: list[Node], req: tuple[str, ...]) -> list[Node]:
+        value = req[self.ri]
+        out: list[Node] = []
+        if "\n" in value:
+            for node in frontier:
+                node.with_newline(value, out)
+            return out
         segs = value.split("/")
         n = len(segs)
-        stack = [(root, 0)]
-        pop = stack.pop
-        push = stack.append
-        while stack:
-            t, i = pop()
-            if i == n:
-                out.extend(t.end)
-                continue
-            if t.tail:
-                out.extend(t.tail)
-            seg = segs[i]
-            nxt = t.lit.get(seg)
-            if nxt is not None:
-                push((nxt, i + 1))
-            if t.param is not None and seg:
-                push((t.param, i + 1))
+        for node in frontier:
+            if node.anything:
+                out.extend(node.anything)
+            for match, child in node.regexes:
+                if match(value):
+                    out.append(child)
+            _walk(node.root, segs, 0, n, out)
+        return out
+
+
+def _walk(t: _Trie, segs: list[str], i: int, n: int, out: list[Node]) -> None:
+    """Follow ``segs[i:]`` down the trie; loops while there is one way on, recurses where a
+    literal and a ``:param`` child both match the segment."""
+    while i < n:
+        if t.tail:
+            out.extend(t.tail)
+        seg = segs[i]
+        i += 1
+        c = t.lit.get(seg)
+        p = t.param if seg else None
+        if c is None:
+            if p is None:
+                return
+            t = p
+        elif p is None:
+            t = c
+        else:
+            _walk(p, segs, i, n, out)
+            t = c
+    if t.end:
+        out.extend(t.end)
 
 
 class _ListLevel(Level):
@@ -269,11 +317,14 @@ class _ListLevel(Level):
     def make_node(self, children: Mapping[str, Node]) -> Node:
         return tuple((compile_pattern(self.func, p), child) for p, child in children.items())
 
-    def expand(self, node: Node, req: tuple[str, ...], out: list[Node]) -> None:
+    def expand(self, frontier: list[Node], req: tuple[str, ...]) -> list[Node]:
         value = req[self.ri]
-        for match, child in node:
-            if match(value):
-                out.append(child)
+        out = []
+        for node in frontier:
+            for match, child in node:
+                if match(value):
+                    out.append(child)
+        return out
 
 
 def make_level(func: str, ri: int, pj: int, names: Closure | None = None) -> Level:
