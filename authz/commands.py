@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from authz.decisions import explain_request
+from authz.lifecycle_commands import register as register_lifecycle_commands
 from authz.loading import load_engine
 from authz.server import DEFAULT_MAX_MESSAGE_BYTES, AuthzConfig, RunningAuthz, start_authz
 from authz.workers import run_workers
@@ -85,6 +86,13 @@ def serve(
             "reload watcher and audit stream; the admin app runs in worker 0.",
         ),
     ] = 1,
+    shadow_policy_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="A candidate policy decided beside every Check and never enforced; "
+            "disagreements are counted and audited (authz.shadow). Hot-reloads too."
+        ),
+    ] = None,
 ) -> None:
     """Serve envoy.service.auth.v3.Authorization/Check plus the admin HTTP app.
 
@@ -104,6 +112,7 @@ def serve(
         http_prefix=http_prefix,
         max_message_bytes=max_message_bytes,
         grace_s=grace,
+        shadow_policy_dir=shadow_policy_dir,
     )
     err = Console(stderr=True)
     try:
@@ -159,3 +168,7 @@ def check(
     if bad_input:
         raise typer.Exit(2)
     raise typer.Exit(0 if result.allowed else 1)
+
+
+# `citadel authz test` and `citadel authz replay` (authz/lifecycle_commands.py).
+register_lifecycle_commands(app)

@@ -86,9 +86,9 @@ class ShadowEvaluator:
         try:
             state = initial_state(policy_dir)
         except PolicyError as exc:
-            raise PolicyError(
-                f"shadow policy: {exc.message}", file=exc.file, line=exc.line
-            ) from exc
+            # The message names the directory, file and line; no file/line of its own, so
+            # nobody joins them to the enforced policy's directory.
+            raise PolicyError(f"shadow policy: {exc.message}") from exc
         reloader = Reloader(
             state, policy_dir, debounce=debounce, poll_interval=poll_interval, name="shadow"
         )
