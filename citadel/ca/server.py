@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from citadel.audit import AuditLog
 from citadel.ca.authority import Authority, load_authority
 from citadel.ca.issuance import DEFAULT_BACKDATE, DEFAULT_TTL, MAX_TTL, Issuer
+from citadel.ca.limits import Limits, RateLimiter
 from citadel.ca.service import SERVICE_NAME, AccessLists, IstioCertificateServicer, add_to_server
 from citadel.ca.tokens import TokenAuthenticator
 from citadel.errors import ConfigError
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_LISTEN",
     "CAConfig",
     "RunningCA",
+    "backstop_rpcs",
     "parse_listen",
     "serve_ca",
     "start_ca",
@@ -79,7 +81,8 @@ class CAConfig:
     #: Full names of services added by hooks, for health and reflection.
     extra_service_names: Sequence[str] = ()
     max_receive_bytes: int = MAX_RECEIVE_BYTES
-    max_in_flight: int = 1024
+    #: Rate limits and the concurrency cap (``RESOURCE_EXHAUSTED`` with a retry hint).
+    limits: Limits = field(default_factory=Limits)
     clock: Callable[[], float] = time.time
     #: An already validated authority (skips loading ``cacerts_dir``).
     authority: Authority | None = None
@@ -119,6 +122,12 @@ class RunningCA:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
+
+
+def backstop_rpcs(max_in_flight: int) -> int:
+    """gRPC's own concurrent-RPC bound: room for the servicer's cap plus health probes
+    and calls waiting for the event loop, so our audited refusal normally answers first."""
+    return 4 * max_in_flight + 256
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -206,15 +215,18 @@ async def start_ca(config: CAConfig) -> RunningCA:
         issuer=issuer,
         audit=config.audit,
         access=config.access,
-        max_in_flight=config.max_in_flight,
+        limiter=RateLimiter(config.limits),
     )
     server = grpc.aio.server(
+        # A backstop far above the servicer's own cap: the servicer sheds (and audits)
+        # first; this only bounds what a flood can queue in gRPC itself.
+        maximum_concurrent_rpcs=backstop_rpcs(config.limits.max_in_flight),
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", config.max_receive_bytes),
             ("grpc.max_send_message_length", 1024 * 1024),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-        ]
+        ],
     )
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -24,6 +24,7 @@ import grpc
 from citadel.audit import AuditLog
 from citadel.ca._proto import ca_pb2, ca_pb2_grpc
 from citadel.ca.issuance import IssuedCertificate, Issuer
+from citadel.ca.limits import DEFAULT_MAX_IN_FLIGHT, Limits, RateLimiter
 from citadel.ca.tokens import Caller, TokenAuthenticator
 from citadel.errors import (
     AuditError,
@@ -121,16 +122,27 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         issuer: Issuer,
         audit: AuditLog,
         access: AccessLists | None = None,
-        max_in_flight: int = 1024,
+        max_in_flight: int | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
+        """``limiter`` carries the rate limits and the concurrency cap; ``max_in_flight``
+        overrides its cap (kept for callers that only want a cap)."""
         self._authenticator = authenticator
         self._issuer = issuer
         self._audit = audit
         self._access = access or AccessLists()
-        self._max_in_flight = max_in_flight
+        self._limiter = limiter or RateLimiter(Limits(rate=0, identity_rate=0))
+        self._max_in_flight = max_in_flight or (
+            self._limiter.limits.max_in_flight if limiter else DEFAULT_MAX_IN_FLIGHT
+        )
         self._in_flight = 0
         self.granted = 0
         self.refused = 0
+        self.shed = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
 
     async def CreateCertificate(
         self, request: ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext
@@ -154,7 +166,13 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         try:
             try:
                 if self._in_flight > self._max_in_flight:
-                    raise Overloaded("the CA is overloaded; retry after 1 s", retry_after=1.0)
+                    raise Overloaded(
+                        f"the CA has {self._max_in_flight} requests in progress, its limit; "
+                        "retry after 1 s",
+                        retry_after=1.0,
+                        reason="too_many_in_flight",
+                    )
+                self._limiter.check_global()
                 issued = await self._issue(request, context, record)
             except CitadelError as exc:
                 return await self._refuse(context, record, exc)
@@ -198,6 +216,7 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         if caller.pod_uid:
             record["pod_uid"] = caller.pod_uid
         record["spiffe_id"] = str(self._issuer.spiffe_id_for(caller))
+        self._limiter.check_identity(caller.subject)
         self._access.check(caller)
         issued = self._issuer.issue(caller, request.csr, requested_ttl=request.validity_duration)
         record.update(
@@ -222,6 +241,9 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         record["outcome"] = "refused"
         record["reason"] = exc.reason
         record["message"] = exc.message
+        if isinstance(exc, Overloaded):
+            record["retry_after"] = exc.retry_after
+            self.shed += 1
         self._write_refusal(record)
         self.refused += 1
         try:

@@ -20,6 +20,13 @@ from citadel.ca.authority import (
     init_authority,
     load_authority,
 )
+from citadel.ca.limits import (
+    DEFAULT_IDENTITY_BURST,
+    DEFAULT_IDENTITY_RATE,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_RATE,
+    Limits,
+)
 from citadel.ca.server import DEFAULT_DNS_NAMES, DEFAULT_LISTEN, CAConfig, RunningCA, serve_ca
 from citadel.ca.service import AccessLists
 from citadel.ca.tokens import DEFAULT_AUDIENCE, TokenAuthenticator
@@ -223,6 +230,37 @@ def serve(
     deny_service_account: Annotated[
         list[str] | None, typer.Option("--deny-service-account", help="NS/NAME (repeatable).")
     ] = None,
+    rate_limit: Annotated[
+        float,
+        typer.Option(
+            "--rate-limit",
+            help="Requests per second this process accepts before shedding with "
+            "RESOURCE_EXHAUSTED and a retry hint (checked before the token; 0 = off).",
+        ),
+    ] = DEFAULT_RATE,
+    rate_limit_burst: Annotated[
+        float | None,
+        typer.Option("--rate-limit-burst", help="Bucket size of --rate-limit (default: 1 s)."),
+    ] = None,
+    rate_limit_per_identity: Annotated[
+        float,
+        typer.Option(
+            "--rate-limit-per-identity",
+            help="Requests per second per verified service account (0 = off).",
+        ),
+    ] = DEFAULT_IDENTITY_RATE,
+    rate_limit_per_identity_burst: Annotated[
+        float | None,
+        typer.Option(
+            "--rate-limit-per-identity-burst",
+            help=f"Bucket size per service account (default {DEFAULT_IDENTITY_BURST:g} at the "
+            "default rate, else 20 s worth): room for a rollout of many replicas.",
+        ),
+    ] = None,
+    max_in_flight: Annotated[
+        int,
+        typer.Option("--max-in-flight", help="Calls in progress at once; more are shed."),
+    ] = DEFAULT_MAX_IN_FLIGHT,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Serve istio.v1.auth.IstioCertificateService/CreateCertificate (TLS by default),
@@ -260,6 +298,13 @@ def serve(
             timeout=durations["--tokenreview-timeout"],
             state_dir=state_dir,
         )
+        limits = Limits(
+            rate=rate_limit,
+            burst=rate_limit_burst,
+            identity_rate=rate_limit_per_identity,
+            identity_burst=rate_limit_per_identity_burst,
+            max_in_flight=max_in_flight,
+        )
         directory = cacerts_dir(state_dir)
         authority = load_authority(directory, trust_domain=trust_domain)
         audit = open_audit_log(audit_log, name="citadel-ca")
@@ -289,6 +334,7 @@ def serve(
             deny_service_accounts=deny_service_account or (),
         ),
         authority=authority,
+        limits=limits,
     )
 
     def ready(running: RunningCA) -> None:
@@ -298,6 +344,18 @@ def serve(
             f"[bold]{running.address}[/] ({mode}), trust domain "
             f"{running.authority.trust_domain.name}, tokens via {authenticator.name} "
             f"(audience {', '.join(audiences)})"
+        )
+        console.print(
+            "  limits: "
+            + (f"{limits.rate:g} req/s" if limits.rate else "no global rate limit")
+            + ", "
+            + (
+                f"{limits.identity_rate:g}/s per identity "
+                f"(burst {limits.effective_identity_burst:g})"
+                if limits.identity_rate
+                else "no per-identity limit"
+            )
+            + f", at most {limits.max_in_flight} in flight"
         )
         if running.tls:
             console.print(f"  clients verify with {directory / 'root-cert.pem'}")
