@@ -34,6 +34,12 @@ __all__ = ["Agent", "AgentConfig", "GiveUp"]
 _log = get_logger("citadel.agent")
 
 
+def _unexpected(exc: BaseException) -> CitadelError:
+    """A bug or an environment fault (disk full, ...): logged by type, retried like others."""
+    _log.error("unexpected error", error_type=type(exc).__name__, error=str(exc)[:300])
+    return CitadelError(f"unexpected {type(exc).__name__}: {str(exc)[:300]}")
+
+
 class GiveUp(CitadelError):
     """``--once`` could not get a certificate within its attempts/time budget."""
 
@@ -233,7 +239,15 @@ class Agent:
         while True:
             attempts += 1
             try:
-                return await self.fetch()
+                try:
+                    return await self.fetch()
+                except (CitadelError, asyncio.CancelledError):
+                    raise
+                except Exception as raw:  # OSError writing files, a runtime fault: retry
+                    unexpected = _unexpected(raw)
+                    raise FetchError(
+                        unexpected.message, code="UNEXPECTED", transient=True
+                    ) from None
             except FetchError as exc:
                 if not exc.transient:
                     self._note_failure(exc, None)
@@ -277,7 +291,8 @@ class Agent:
                 self.last_error = None
                 if not first:
                     self.renewals += 1
-            except CitadelError as exc:
+            except Exception as raw:  # the loop must outlive any single failure
+                exc = raw if isinstance(raw, CitadelError) else _unexpected(raw)
                 retry_after = exc.retry_after if isinstance(exc, FetchError) else None
                 delay = backoff.next_delay(floor=retry_after or 0.0)
                 self._note_failure(exc, delay)
@@ -301,7 +316,8 @@ class Agent:
                 if self.svid is not None or self.bundle:
                     await self.refresh_bundle()
                 backoff.reset()
-            except CitadelError as exc:
+            except Exception as raw:
+                exc = raw if isinstance(raw, CitadelError) else _unexpected(raw)
                 delay = backoff.next_delay()
                 _log.warning("trust bundle refresh failed", error=exc.message, retry_in=delay)
             if await self._wait(stop, delay):
