@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from citadel.ca._proto import bundle_pb2, bundle_pb2_grpc
-from citadel.errors import AuthorityError
+from citadel.errors import AuthorityError, ConfigError
 from citadel.logs import get_logger
 from citadel.spiffe import TrustDomain
 
@@ -325,9 +325,14 @@ async def attach(
     if https_listen:
         host, _, port = https_listen.rpartition(":")
         ctx = _HttpsCertificate(authority, dns_names, serving_ttl).context if tls else None
-        https = await serve_bundle_https(
-            source, host=host.strip("[]"), port=int(port), ssl_context=ctx
-        )
+        try:
+            https = await serve_bundle_https(
+                source, host=host.strip("[]"), port=int(port), ssl_context=ctx
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot serve GET /bundle on {https_listen}: {exc} (pick another HOST:PORT)"
+            ) from None
         bound = https.sockets[0].getsockname()[1]
         _log.info("bundle endpoint", url=f"{'https' if tls else 'http'}://{host}:{bound}/bundle")
 

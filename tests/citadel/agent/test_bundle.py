@@ -167,3 +167,29 @@ def test_attach_publishes_over_grpc_and_https_with_the_ca_s_own_certificate(tmp_
                 await client.get(f"https://127.0.0.1:{https_port}/bundle")
 
     asyncio.run(body())
+
+
+def test_attach_refuses_a_taken_https_port_clearly(tmp_path):
+    import socket
+
+    from citadel.ca.authority import init_authority
+    from citadel.ca.bundle import attach
+    from citadel.errors import ConfigError
+
+    authority = init_authority(tmp_path / "cacerts", trust_domain="cluster.local")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        async def body() -> None:
+            server = grpc.aio.server()
+            with pytest.raises(ConfigError, match=f"cannot serve GET /bundle on 127.0.0.1:{port}"):
+                await attach(
+                    server,
+                    authority=authority,
+                    cacerts_dir=tmp_path / "cacerts",
+                    https_listen=f"127.0.0.1:{port}",
+                )
+
+        asyncio.run(body())
