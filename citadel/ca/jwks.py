@@ -10,6 +10,12 @@ The algorithm is checked from the header *before* any verification: ``none`` and
 are never allowed (an attacker who can choose HS256 can sign with the public key as the
 secret). Claim checks use the injected clock, not pyjwt's, so tests can fix time.
 
+When an OIDC issuer stops answering, cached keys keep verifying (a short outage must not
+stop every renewal) until they are ``max_stale`` old; past that, and for any ``kid`` the
+cache does not hold while the issuer cannot be asked, the answer is ``Unavailable``
+rather than ``AuthenticationError``: the CA cannot tell a forgery from a rotated key, and
+the caller should retry, not discard its token.
+
 Offline verification cannot know that a pod was deleted (TokenReview can); the token's
 short lifetime is the bound on that.
 """
@@ -163,6 +169,7 @@ class JwksAuthenticator:
         clock: Callable[[], float] = time.time,
         refresh_interval: timedelta = timedelta(seconds=30),
         max_age: timedelta = timedelta(minutes=10),
+        max_stale: timedelta = timedelta(hours=6),
         http_timeout: float = 5.0,
         ca_file: str | Path | None = None,
         http_client: httpx.AsyncClient | None = None,
@@ -195,6 +202,12 @@ class JwksAuthenticator:
         self._clock = clock
         self._refresh = refresh_interval.total_seconds()
         self._max_age = max_age.total_seconds()
+        if max_stale < max_age:
+            raise ConfigError("the key cache's hard expiry must not be shorter than max_age")
+        self._max_stale = max_stale.total_seconds()
+        #: Why the last refresh failed (``None`` after a success): unknown kids are then
+        #: Unavailable, not forgeries.
+        self._last_error: str | None = None
         self._timeout = http_timeout
         self._verify: Any = str(ca_file) if ca_file else True
         self._http = http_client
@@ -276,21 +289,39 @@ class JwksAuthenticator:
                 keys = self._read_file() if self._file is not None else await self._fetch_oidc()
             except (ConfigError, Unavailable) as exc:
                 _log.warning("jwks.refresh_failed", source=self.source, error=exc.message)
+                self._last_error = exc.message
                 if not self._keys:
                     raise Unavailable(f"no token signing keys available: {exc.message}") from None
                 return
             self._keys = keys
             self._loaded_at = now
+            self._last_error = None
             _log.info("jwks.refreshed", source=self.source, keys=len(keys))
 
     async def _key_for(self, kid: str | None) -> _Key:
-        if self._oidc is not None and self._clock() - self._loaded_at > self._max_age:
-            await self.refresh(force=not self._keys)
+        if self._oidc is not None:
+            if self._clock() - self._loaded_at > self._max_age:
+                await self.refresh(force=not self._keys)
+            age = self._clock() - self._loaded_at
+            if age > self._max_stale:
+                raise Unavailable(
+                    f"the token signing keys of {self._oidc} are {age / 3600:.1f} h old and "
+                    f"cannot be refreshed ({self._last_error or 'no answer'}); nothing is "
+                    "issued until the issuer answers",
+                    reason="jwks_stale",
+                )
         key = self._lookup(kid)
         if key is None:
             await self.refresh()  # maybe rotated; rate-limited
             key = self._lookup(kid)
         if key is None:
+            if self._last_error is not None:
+                raise Unavailable(
+                    f"token is signed with a key this CA does not hold (kid {_clip(kid)!r}) "
+                    f"and the key set cannot be refreshed from {self.source} "
+                    f"({self._last_error}); retry later",
+                    reason="jwks_unavailable",
+                )
             raise AuthenticationError(
                 f"token is signed with an unknown key (kid {_clip(kid)!r}); "
                 f"it was not issued by a trusted issuer",
