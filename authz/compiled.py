@@ -509,7 +509,10 @@ class CompiledEngine:
                 allow = a
             if d < deny:
                 deny = d
-        pair = self._decide_table[self._pick(allow, deny)]
+        idx = self._pick(allow, deny)
+        pair = self._decide_table[idx]
+        if pair is None:  # first time this row decides; racing threads build equal pairs
+            pair = self._decide_table[idx] = self._decision_pair(idx)
         if self._cache_size:
             if len(cache) >= self._cache_size:
                 # Evict the oldest entry; another thread may be doing the same.
@@ -525,23 +528,26 @@ class CompiledEngine:
             return allow if allow != _NONE else -1
         if deny != _NONE:
             return deny
-        return allow if allow != _NONE else -1
+        return allow if allow != _NONE else -1  # -1: the table's last slot, "none"
 
     def _decision_table(self, rows: list[tuple[str, ...]], eft_at: int | None) -> list[Any]:
-        """Every decision this engine can give, built once: index i is row i deciding (an
-        allow row allows, a deny row denies), the last entry is "no row decided"; dataclass
-        construction would otherwise be a fifth of a decision's cost."""
-        make = self._decision_type
-        rev = self.revision
-        table: list[Any] = []
-        for row in rows:
-            allowed = eft_at is None or row[eft_at] != "deny"
-            table.append((make(allowed, row, rev), make(allowed, row, rev, True)))
-        if not rows:  # the empty policy's one evaluation: a match allows, naming no rule
-            table.append((make(True, None, rev), make(True, None, rev, True)))
-        default = self._effect == DENY_OVERRIDE_EFFECT
-        table.append((make(default, None, rev), make(default, None, rev, True)))
-        return table
+        """Slots for every decision this engine can give: index i is row i deciding (an
+        allow row allows, a deny row denies), the last is "no row decided". Each pair is
+        built on first use and then shared: a frozen dataclass costs a fifth of a
+        decision, and building all of them up front would slow every load."""
+        self._eft_at = eft_at
+        return [None] * (len(rows) + (0 if rows else 1) + 1)
+
+    def _decision_pair(self, idx: int) -> tuple[Decision, Decision]:
+        make, rev = self._decision_type, self.revision
+        if idx in (-1, len(self._decide_table) - 1):
+            allowed, rule = self._effect == DENY_OVERRIDE_EFFECT, None
+        elif not self._rows:  # the empty policy's one evaluation: a match allows
+            allowed, rule = True, None
+        else:
+            rule = self._rows[idx]
+            allowed = self._eft_at is None or rule[self._eft_at] != "deny"
+        return make(allowed, rule, rev), make(allowed, rule, rev, True)
 
     def roles_for(self, sub: str, dom: str) -> list[str]:
         """pycasbin's ``get_implicit_roles_for_user``: breadth first, no depth limit."""

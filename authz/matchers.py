@@ -169,14 +169,23 @@ class _PrefixLevel(Level):
         return out
 
 
+_NO_CHILDREN: dict[str, Any] = {}  # shared by leaf nodes; never written to
+
+
 class _Trie:
     __slots__ = ("end", "lit", "param", "tail")
 
     def __init__(self) -> None:
-        self.lit: dict[str, _Trie] = {}
+        self.lit: dict[str, _Trie] = _NO_CHILDREN  # replaced on first insert
         self.param: _Trie | None = None
         self.end: list[Node] = []  # patterns that end here
         self.tail: list[Node] = []  # patterns ending in "/*" here
+
+
+_SEG = r"(?:[^/:\\.^$*+?{}\[\]|()]*|:[^/]+)"
+#: Patterns whose every segment is a plain literal or a whole ``:param``, optionally
+#: ending in ``/*``: the ones the trie reproduces exactly.
+_TRIE_EXACT = re.compile(_SEG + "(?:/" + _SEG + ")*(?:/\\*)?")
 
 
 def _trie_segments(pattern: str) -> list[tuple[str, str]] | None:
@@ -186,24 +195,22 @@ def _trie_segments(pattern: str) -> list[tuple[str, str]] | None:
     as pycasbin's regex. Literal segments may hold no regex metacharacter (``.`` alone
     would match ``/``), ``:name`` is a whole segment, ``*`` only as the last one.
     """
-    segs = pattern.split("/")
+    if _TRIE_EXACT.fullmatch(pattern) is None:
+        return None
     out: list[tuple[str, str]] = []
-    last = len(segs) - 1
-    for i, seg in enumerate(segs):
-        if seg == "*" and i == last and i >= 1:
-            out.append(("tail", ""))
-        elif seg.startswith(":") and len(seg) >= 2:
+    for seg in pattern.split("/"):
+        if seg[:1] == ":":
             out.append(("param", ""))
-        elif ":" not in seg and _REGEX_META.isdisjoint(seg):
-            out.append(("lit", seg))
+        elif seg == "*":
+            out.append(("tail", ""))
         else:
-            return None
+            out.append(("lit", seg))
     return out
 
 
 def trie_exact(pattern: str) -> bool:
     """True when the trie decides ``pattern`` (so its regex is known to be valid)."""
-    return pattern == "*" or _trie_segments(pattern) is not None
+    return pattern == "*" or _TRIE_EXACT.fullmatch(pattern) is not None
 
 
 class _PathNode:
@@ -231,6 +238,8 @@ class _PathNode:
                 if kind == "lit":
                     nxt = t.lit.get(lit)
                     if nxt is None:
+                        if t.lit is _NO_CHILDREN:
+                            t.lit = {}
                         nxt = t.lit[lit] = _Trie()
                     t = nxt
                 elif kind == "param":

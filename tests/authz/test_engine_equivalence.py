@@ -21,7 +21,7 @@ from authz.engine import CasbinEngine, build_engine
 from authz.policy import Policy
 
 SETTINGS = settings(
-    max_examples=100,
+    max_examples=80,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
