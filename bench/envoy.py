@@ -478,7 +478,7 @@ def run(args: argparse.Namespace) -> dict:
         return out
     hey = shutil.which("hey")
     work = Path(tempfile.mkdtemp(prefix="citadel-bench-envoy-"))
-    pol = policies.generate(RULES)
+    pol = policies.generate(args.rules)
     policies.write_policy_dir(work / "policy", pol)
     principal = pol.principals[0]
     certs = make_certs(work, principal)
@@ -490,7 +490,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     (work / "envoy.json").write_text(json.dumps(config))
     out["params"] = {
-        "rules": RULES,
+        "rules": args.rules,
         "role_assignments": 1000,
         "caller": principal,
         "envoy_concurrency": args.envoy_concurrency,
@@ -631,6 +631,7 @@ async def _statuses(port: int, reqs: list[tuple[str, str, str]]) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rules", type=int, default=RULES)
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--warmup", type=float, default=1.0)

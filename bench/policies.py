@@ -20,6 +20,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import re
 import shutil
@@ -70,11 +71,24 @@ class GeneratedPolicy:
         lines += [r.row() for r in self.rules]
         return "\n".join(lines) + "\n"
 
-    def roles_of(self, member: str) -> set[str]:
-        """Every role ``member`` holds, directly or through the hierarchy."""
+    @functools.cached_property
+    def _parents(self) -> dict[str, list[str]]:
         parents: dict[str, list[str]] = {}
         for m, r in self.assignments:
             parents.setdefault(m, []).append(r)
+        return parents
+
+    @functools.cached_property
+    def _members(self) -> dict[str, list[str]]:
+        members: dict[str, list[str]] = {}
+        for p in self.principals:
+            for role in self.roles_of(p):
+                members.setdefault(role, []).append(p)
+        return members
+
+    def roles_of(self, member: str) -> set[str]:
+        """Every role ``member`` holds, directly or through the hierarchy."""
+        parents = self._parents
         seen: set[str] = set()
         todo = [member]
         while todo:
@@ -86,7 +100,7 @@ class GeneratedPolicy:
 
     def members_of(self, role: str) -> list[str]:
         """Every principal holding ``role`` (the closure), for rendering native RBAC."""
-        return [p for p in self.principals if role in self.roles_of(p)]
+        return list(self._members.get(role, ()))
 
 
 def _host(i: int) -> str:
