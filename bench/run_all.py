@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         after = len(scripts) - i - 1
         timeout = min(remaining, max(60.0, remaining - RESERVE_PER_BENCH_S * after))
         print(f"[run_all] {script.name} (up to {timeout:.0f} s)", file=sys.stderr, flush=True)
+        load_before = os.getloadavg()[0]
         entry = run_one(script, timeout=timeout, quick=args.quick)
+        # Other work on the machine skews every figure: say how busy it was.
+        entry["loadavg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         status = "ok" if entry["ok"] else f"FAILED: {entry.get('error')}"
         print(f"[run_all] {script.name}: {status} in {entry.get('seconds')} s", file=sys.stderr)
         results["benches"][script.stem] = entry
