@@ -5,7 +5,7 @@ request a distinct path) and on cache hits, the build time of a 10,000-rule poli
 pycasbin's own ``Enforcer.enforce`` at the same sizes in the same run (time-boxed), with
 the ratios and ``os.cpu_count()``.
 
-    python bench/engine.py [--requests 100000] [--pycasbin-seconds 3]
+    python bench/engine.py [--requests 20000] [--rounds 7] [--pycasbin-seconds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -146,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=20_000, help="per round and size")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--pycasbin-seconds", type=float, default=3.0)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 1.5 s of pycasbin")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.pycasbin_seconds = 3, 1.5
 
     compiled = compiled_figures((10, 10_000), args.requests, args.rounds)
     small, large = compiled["10"], compiled["10000"]
