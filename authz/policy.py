@@ -7,9 +7,7 @@ agree on the name.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,21 +67,51 @@ def revision_of(model_text: str, policy_text: str) -> str:
     return h.hexdigest()[:16]
 
 
+def split_policy_line(line: str) -> list[str]:
+    """Split one policy line exactly as pycasbin's ``load_policy_line`` does.
+
+    Commas inside ``(...)`` or ``[...]`` do not split (so ``^(GET,POST)$`` stays one value)
+    and there is no CSV quoting; each value is stripped. Unlike pycasbin, unbalanced
+    brackets raise ``ValueError`` instead of an ``IndexError`` from deep inside the loader.
+    """
+    depth = 0
+    tokens: list[str] = []
+    for c in line:
+        if c in "[(":
+            if not tokens:
+                raise ValueError(f"row starts with {c!r}")
+            depth += 1
+            tokens[-1] += c
+        elif c in "])":
+            if depth == 0:
+                raise ValueError(f"unbalanced {c!r}")
+            depth -= 1
+            tokens[-1] += c
+        elif c == "," and depth == 0:
+            tokens.append("")
+        elif not tokens:
+            tokens.append(c)
+        else:
+            tokens[-1] += c
+    if depth:
+        raise ValueError("unclosed '(' or '['")
+    return [t.strip() for t in tokens]
+
+
 def parse_policy_rows(
     text: str, *, file: str = POLICY_FILE
 ) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...]]:
-    """Parse Casbin CSV policy lines the way Casbin's ``load_policy_line`` does."""
+    """Parse policy lines the way pycasbin's file adapter does, with file:line errors."""
     rows: list[tuple[str, ...]] = []
     lines: list[int] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
         try:
-            fields = next(csv.reader(io.StringIO(stripped), skipinitialspace=True))
-        except (csv.Error, StopIteration) as exc:
+            fields = split_policy_line(stripped)
+        except ValueError as exc:
             raise PolicyError(f"malformed policy row: {exc}", file=file, line=lineno) from exc
-        fields = [f.strip() for f in fields]
         if len(fields) < 2 or not fields[0]:
             raise PolicyError(
                 "policy row needs a type and at least one value", file=file, line=lineno
