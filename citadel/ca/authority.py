@@ -44,6 +44,7 @@ __all__ = [
     "Authority",
     "PrivateKey",
     "cacerts_dir",
+    "check_key_file_mode",
     "generate_key",
     "init_authority",
     "key_type_of",
@@ -316,12 +317,17 @@ def init_authority(
     root_ttl: timedelta = DEFAULT_ROOT_TTL,
     intermediate_ttl: timedelta = DEFAULT_INTERMEDIATE_TTL,
     clock: Clock = time.time,
+    passphrase: bytes | None = None,
 ) -> Authority:
     """Create a self-signed root and a signing intermediate in ``directory``.
 
     Refuses to touch a directory that already holds any of the four files: replacing a
-    CA's keys silently would orphan every certificate it issued.
+    CA's keys silently would orphan every certificate it issued. With ``passphrase`` the
+    key is written as encrypted PKCS#8 (cryptography's best available scheme), so a copy
+    of the file alone (a backup, a leaked Secret) does not give the key away.
     """
+    if passphrase is not None and not passphrase:
+        raise AuthorityError("the key passphrase is empty")
     td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain(trust_domain)
     if key_type not in KEY_TYPES:
         raise AuthorityError(f"unknown key type {key_type!r}; choose one of {', '.join(KEY_TYPES)}")
@@ -360,14 +366,18 @@ def init_authority(
     del root_key  # the root key is never stored: the intermediate does all signing
 
     pem = serialization.Encoding.PEM
-    key_pem = ca_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
     )
+    key_pem = ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, encryption)
     _write(out / CA_KEY, key_pem, 0o600)
+    del key_pem
     _write(out / ROOT_CERT, root.public_bytes(pem), 0o644)
     _write(out / CA_CERT, ca.public_bytes(pem), 0o644)
     _write(out / CERT_CHAIN, ca.public_bytes(pem) + root.public_bytes(pem), 0o644)
-    return load_authority(out, trust_domain=td, clock=clock)
+    return load_authority(out, trust_domain=td, clock=clock, passphrase=passphrase)
 
 
 # ------------------------------------------------------------------------------ load
@@ -387,24 +397,70 @@ def _read_certs(path: Path) -> list[x509.Certificate]:
     return certs
 
 
-def _check_key_file(path: Path) -> PrivateKey:
+#: Group read: what Kubernetes gives Secret files when the pod sets ``fsGroup``.
+_GROUP_READ: Final = 0o040
+
+
+def check_key_file_mode(path: Path, *, allow_group_readable: bool = False) -> None:
+    """Refuse a key file others could read or anyone but its owner could write.
+
+    A mounted Kubernetes Secret with ``fsGroup`` is group-readable (``defaultMode: 0440``)
+    and cannot be made 0600; ``allow_group_readable`` accepts exactly that one extra bit,
+    never "other" bits, group write or execute.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise AuthorityError(f"{path} is missing") from None
-    if st.st_mode & 0o077:
+    extra = st.st_mode & 0o077
+    allowed = _GROUP_READ if allow_group_readable else 0
+    if extra & ~allowed:
+        mode = stat.filemode(st.st_mode)
+        if extra & ~_GROUP_READ or allow_group_readable:
+            fix = f"chmod 600 {path} (a Kubernetes Secret: defaultMode 0400, or 0440 with fsGroup)"
+        else:
+            fix = (
+                f"chmod 600 {path}, or, for a Kubernetes Secret mounted group-readable "
+                "(fsGroup, defaultMode 0440), pass --allow-group-readable-key"
+            )
         raise AuthorityError(
-            f"{path} is accessible by group or others (mode {stat.filemode(st.st_mode)}); "
-            f"restrict it with: chmod 600 {path}"
+            f"{path} is accessible by group or others (mode {mode}); restrict it with: {fix}"
         )
+
+
+def _check_key_file(
+    path: Path, *, allow_group_readable: bool = False, passphrase: bytes | None = None
+) -> PrivateKey:
+    check_key_file_mode(path, allow_group_readable=allow_group_readable)
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError):
-        raise AuthorityError(
-            f"{path} is not an unencrypted PEM private key (PKCS#8, PKCS#1 or SEC1)"
-        ) from None
+        data = path.read_bytes()
     except OSError as exc:
         raise AuthorityError(f"{path} cannot be read: {exc.strerror}") from None
+    encrypted = b"ENCRYPTED" in data
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except TypeError:
+        # cryptography's own wording says which way round; ours adds the fix.
+        if passphrase is None:
+            raise AuthorityError(
+                f"{path} is encrypted; give its passphrase with --key-passphrase-file FILE "
+                "or --key-passphrase-env NAME"
+            ) from None
+        raise AuthorityError(
+            f"{path} is not encrypted, but a passphrase was given; drop the passphrase "
+            "option, or re-create the CA with one"
+        ) from None
+    except ValueError:
+        if passphrase is not None and encrypted:
+            raise AuthorityError(
+                f"{path} could not be decrypted: the passphrase is wrong"
+            ) from None
+        raise AuthorityError(
+            f"{path} is not an unencrypted PEM private key (PKCS#8, PKCS#1 or SEC1) "
+            "nor an encrypted PKCS#8 one"
+        ) from None
+    finally:
+        del data
     if key_type_of(key) not in KEY_TYPES:
         raise AuthorityError(
             f"{path} holds a {key_type_of(key)} key; supported: {', '.join(KEY_TYPES)}"
@@ -452,11 +508,16 @@ def load_authority(
     trust_domain: TrustDomain | str | None = None,
     clock: Clock = time.time,
     min_remaining: timedelta = DEFAULT_MIN_REMAINING,
+    allow_group_readable_key: bool = False,
+    passphrase: bytes | None = None,
 ) -> Authority:
     """Load and validate a ``cacerts`` directory; raise ``AuthorityError`` naming the flaw.
 
     The trust domain comes from the signing certificate's ``spiffe://TD`` URI SAN when
     present; a team's intermediate without one needs ``trust_domain`` passed explicitly.
+    ``ca-key.pem`` must be private to its owner (``allow_group_readable_key`` also accepts
+    group read, for Secrets mounted with ``fsGroup``) and is decrypted with ``passphrase``
+    when it is encrypted PKCS#8.
     """
     base = Path(directory)
     if not base.is_dir():
@@ -466,7 +527,9 @@ def load_authority(
         raise AuthorityError(
             f"{base} is not a complete cacerts directory: missing {', '.join(missing)}"
         )
-    key = _check_key_file(base / CA_KEY)
+    key = _check_key_file(
+        base / CA_KEY, allow_group_readable=allow_group_readable_key, passphrase=passphrase
+    )
     roots = _read_certs(base / ROOT_CERT)
     if len(roots) != 1:
         raise AuthorityError(f"{base / ROOT_CERT} must hold exactly one certificate")
@@ -564,9 +627,15 @@ def load_or_init_authority(
     trust_domain: TrustDomain | str,
     key_type: str = "ec-p256",
     clock: Clock = time.time,
+    passphrase: bytes | None = None,
 ) -> tuple[Authority, bool]:
     """Reuse a valid layout or create one when the directory has none. ``(authority, created)``."""
     base = Path(directory)
     if any((base / n).exists() for n in LAYOUT):
-        return load_authority(base, trust_domain=trust_domain, clock=clock), False
-    return init_authority(base, trust_domain=trust_domain, key_type=key_type, clock=clock), True
+        return load_authority(
+            base, trust_domain=trust_domain, clock=clock, passphrase=passphrase
+        ), False
+    created = init_authority(
+        base, trust_domain=trust_domain, key_type=key_type, clock=clock, passphrase=passphrase
+    )
+    return created, True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -59,6 +60,52 @@ StateDir = Annotated[
 ]
 
 
+PassphraseFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--key-passphrase-file",
+        help="Read the passphrase of ca-key.pem (encrypted PKCS#8) from this file.",
+    ),
+]
+PassphraseEnv = Annotated[
+    str | None,
+    typer.Option(
+        "--key-passphrase-env",
+        help="Read the passphrase of ca-key.pem from this environment variable (its name).",
+    ),
+]
+AllowGroupReadable = Annotated[
+    bool,
+    typer.Option(
+        "--allow-group-readable-key",
+        help="Accept ca-key.pem readable by its group (a Kubernetes Secret mounted with "
+        "fsGroup and defaultMode 0440). Never accepts other-readable or writable keys.",
+    ),
+]
+
+
+def _passphrase(file: Path | None, env: str | None) -> bytes | None:
+    """The key passphrase from a file or an environment variable; never echoed."""
+    if file is not None and env is not None:
+        raise ConfigError("give --key-passphrase-file or --key-passphrase-env, not both")
+    if file is not None:
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --key-passphrase-file {file}: {exc.strerror}") from None
+        value = raw.rstrip(b"\r\n")
+        if not value:
+            raise ConfigError(f"--key-passphrase-file {file} is empty")
+        return value
+    if env is not None:
+        text = os.environ.get(env)
+        if not text:
+            # The name is not echoed either: people paste the secret where its name belongs.
+            raise ConfigError("the variable named by --key-passphrase-env is unset or empty")
+        return text.encode()
+    return None
+
+
 def _err(console: Console, message: str, code: int = 1) -> typer.Exit:
     console.print(f"[red]error:[/] {message}")
     return typer.Exit(code)
@@ -94,23 +141,39 @@ def init(
     key_type: Annotated[
         KeyType, typer.Option("--key-type", help="Key type of root and intermediate.")
     ] = KeyType.ec_p256,  # type: ignore[attr-defined]
+    key_passphrase_file: PassphraseFile = None,
+    key_passphrase_env: PassphraseEnv = None,
+    allow_group_readable_key: AllowGroupReadable = False,
 ) -> None:
     """Create a root and signing intermediate in Istio's cacerts layout (or validate an
-    existing one and use it as is)."""
+    existing one and use it as is). With a passphrase, ca-key.pem is encrypted PKCS#8."""
     console = Console(stderr=True)
     target = cacerts_dir(state_dir)
     try:
+        passphrase = _passphrase(key_passphrase_file, key_passphrase_env)
         if target.exists() and any(target.iterdir()):
-            authority = load_authority(target, trust_domain=trust_domain)
+            authority = load_authority(
+                target,
+                trust_domain=trust_domain,
+                passphrase=passphrase,
+                allow_group_readable_key=allow_group_readable_key,
+            )
             _describe(console, authority, "using existing")
             return
         with console.status(f"generating {key_type.value} keys..."):
-            authority = init_authority(target, trust_domain=trust_domain, key_type=key_type.value)
+            authority = init_authority(
+                target,
+                trust_domain=trust_domain,
+                key_type=key_type.value,
+                passphrase=passphrase,
+            )
     except CitadelError as exc:
         raise _err(console, exc.message) from None
     except OSError as exc:
         raise _err(console, f"{exc.filename or target}: {exc.strerror}") from None
     _describe(console, authority, "created")
+    if passphrase:
+        console.print("  ca-key.pem is encrypted; give the same passphrase option to ca serve")
     console.print(
         f"next: citadel ca serve --state-dir {state_dir} --token-auth jwks --jwks-file FILE"
     )
@@ -261,6 +324,9 @@ def serve(
         int,
         typer.Option("--max-in-flight", help="Calls in progress at once; more are shed."),
     ] = DEFAULT_MAX_IN_FLIGHT,
+    key_passphrase_file: PassphraseFile = None,
+    key_passphrase_env: PassphraseEnv = None,
+    allow_group_readable_key: AllowGroupReadable = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Serve istio.v1.auth.IstioCertificateService/CreateCertificate (TLS by default),
@@ -306,7 +372,12 @@ def serve(
             max_in_flight=max_in_flight,
         )
         directory = cacerts_dir(state_dir)
-        authority = load_authority(directory, trust_domain=trust_domain)
+        authority = load_authority(
+            directory,
+            trust_domain=trust_domain,
+            passphrase=_passphrase(key_passphrase_file, key_passphrase_env),
+            allow_group_readable_key=allow_group_readable_key,
+        )
         audit = open_audit_log(audit_log, name="citadel-ca")
     except AuthorityError as exc:
         raise _err(console, exc.message) from None
