@@ -226,6 +226,11 @@ def run(args: argparse.Namespace) -> dict:
                 "target": f"<= {TARGET_P99_MS}",
                 "met": r["p99_ms_at_1000"] <= TARGET_P99_MS,
             }
+            if out["trivial"]["rate_1000"]["p99_ms"] > TARGET_P99_MS:
+                out["targets"]["p99_ms_at_1000_rps"]["note"] = (
+                    "the trivial servicer misses it too in this run: the machine (client and "
+                    "server on the same cores) sets the floor"
+                )
     return out
 
 

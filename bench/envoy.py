@@ -593,6 +593,24 @@ def run(args: argparse.Namespace) -> dict:
         f"added_p50_ms_at_{int(args.rate)}": added_p50,
         f"added_p99_ms_at_{int(args.rate)}": added_p99,
     }
+    # An added latency means something only if the baseline kept up with the offered load.
+    kept_up = {v: results[v][key]["achieved_rps"] >= 0.95 * args.rate for v in VARIANTS}
+    out["kept_up_with_offered_load"] = kept_up
+    added: dict = {
+        "value": added_p99,
+        "baseline_rbac_p99_ms": rb[key]["p99_ms"],
+        "ext_authz_p99_ms": ea[key]["p99_ms"],
+        "added_p50_ms": added_p50,
+        "target": f"<= {TARGET_ADDED_P99_MS}",
+        "met": added_p99 <= TARGET_ADDED_P99_MS if kept_up["rbac"] else None,
+    }
+    if not kept_up["rbac"] or not kept_up["ext_authz"]:
+        behind = [v for v in ("rbac", "ext_authz") if not kept_up[v]]
+        added["note"] = (
+            f"{' and '.join(behind)} fell behind {args.rate:.0f} rps: latency is queueing"
+        )
+        if not kept_up["ext_authz"] and kept_up["rbac"]:
+            added["met"] = False
     out["targets"] = {
         "throughput_ratio_vs_native_rbac": {
             "value": ratio,
@@ -601,14 +619,7 @@ def run(args: argparse.Namespace) -> dict:
             "target": "report",
             "met": None,
         },
-        f"added_p99_ms_at_{int(args.rate)}_rps": {
-            "value": added_p99,
-            "baseline_rbac_p99_ms": rb[key]["p99_ms"],
-            "ext_authz_p99_ms": ea[key]["p99_ms"],
-            "added_p50_ms": added_p50,
-            "target": f"<= {TARGET_ADDED_P99_MS}",
-            "met": added_p99 <= TARGET_ADDED_P99_MS,
-        },
+        f"added_p99_ms_at_{int(args.rate)}_rps": added,
     }
     return out
 
