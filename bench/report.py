@@ -61,9 +61,12 @@ def target_rows(name: str, result: dict) -> list[str]:
             if k not in {"value", "target", "met", "note"} and not k.startswith("baseline")
         )
         label = f"{tname} ({extra})" if extra else tname
+        met = _fmt(t.get("met"))
+        if t.get("note"):
+            met += f" ({t['note']})"
         rows.append(
             f"| {name} | {label} | {_fmt(t.get('value'))} | {_fmt(baseline)} | "
-            f"{_fmt(t.get('target'))} | {_fmt(t.get('met'))} |"
+            f"{_fmt(t.get('target'))} | {met} |"
         )
     return rows
 
