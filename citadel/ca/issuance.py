@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
@@ -122,9 +123,17 @@ def parse_csr(
         raise InvalidRequest("CSR must hold exactly one PEM block", reason="csr_malformed")
     try:
         csr = x509.load_pem_x509_csr(body)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm):  # InvalidVersion: fuzzing
         raise InvalidRequest("CSR is not a valid PKCS#10 request", reason="csr_malformed") from None
-    if not csr.is_signature_valid:
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # A public key or signature algorithm that cannot even be loaded (found by fuzzing:
+        # a damaged EC point raised ValueError here and became INTERNAL).
+        raise InvalidRequest(
+            "CSR public key or signature algorithm cannot be parsed", reason="csr_key"
+        ) from None
+    if not valid:
         raise InvalidRequest(
             "CSR signature does not verify with its own public key", reason="csr_signature"
         )
