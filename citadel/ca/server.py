@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from citadel.audit import AuditLog
+from citadel.ca import bundle
 from citadel.ca.authority import Authority, load_authority
 from citadel.ca.issuance import DEFAULT_BACKDATE, DEFAULT_TTL, MAX_TTL, Issuer
 from citadel.ca.limits import Limits, RateLimiter
@@ -80,6 +81,8 @@ class CAConfig:
     extra_services: Sequence[ServiceHook] = ()
     #: Full names of services added by hooks, for health and reflection.
     extra_service_names: Sequence[str] = ()
+    #: HOST:PORT for the trust bundle over HTTPS (``GET /bundle``); off when None.
+    bundle_listen: str | None = None
     max_receive_bytes: int = MAX_RECEIVE_BYTES
     #: Rate limits and the concurrency cap (``RESOURCE_EXHAUSTED`` with a retry hint).
     limits: Limits = field(default_factory=Limits)
@@ -229,11 +232,20 @@ async def start_ca(config: CAConfig) -> RunningCA:
         ],
     )
     add_to_server(servicer, server)
+    # The trust bundle for agents and federation: citadel.v1.TrustBundleService (+ HTTPS).
+    await bundle.attach(
+        server,
+        authority=authority,
+        cacerts_dir=config.cacerts_dir,
+        https_listen=config.bundle_listen,
+        tls=not config.insecure_plaintext,
+        dns_names=config.dns_names,
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for hook in config.extra_services:
         hook(server)
-    names = [SERVICE_NAME, *config.extra_service_names]
+    names = [SERVICE_NAME, bundle.SERVICE_NAME, *config.extra_service_names]
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )

@@ -4,7 +4,7 @@ The agent's end-to-end tests need a CA that outlives one test's event loop (modu
 fixtures) and that a test can stop and start again on the same port ("CA down at boot,
 then up"; "CA down during renewal"). Nothing here replaces our code: it is the real
 server, the real JWKS authenticator, dev tokens from the real dev issuer, and the real
-trust-bundle service joined through the server's ``extra_services`` hook.
+trust-bundle service the server always publishes.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from citadel.audit import open_audit_log
-from citadel.ca import bundle
 from citadel.ca.authority import init_authority
 from citadel.ca.jwks import JwksAuthenticator
 from citadel.ca.server import CAConfig, RunningCA, start_ca
 from citadel.dev import DevIssuer, init_dev_issuer, mint_token
-from citadel.spiffe import TrustDomain
 from tests.conftest import free_port
 
 T = TypeVar("T")
@@ -36,7 +34,6 @@ class CaHarness:
     port: int = field(default_factory=free_port)
     running: RunningCA | None = None
     issuer: DevIssuer | None = None
-    bundle_refresh_hint: int = 1
 
     def __post_init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -45,11 +42,6 @@ class CaHarness:
         self.cacerts = self.state / "cacerts"
         init_authority(self.cacerts, trust_domain=TD)
         self.issuer, _ = init_dev_issuer(self.state)
-        self.bundle_source = bundle.BundleSource(
-            trust_domain=TrustDomain(TD),
-            roots_path=self.cacerts / "root-cert.pem",
-            refresh_hint=self.bundle_refresh_hint,
-        )
 
     @property
     def address(self) -> str:
@@ -74,8 +66,6 @@ class CaHarness:
                     listen=self.address,
                     max_ttl=timedelta(hours=1),
                     backdate=timedelta(seconds=1),
-                    extra_services=[lambda s: bundle.add_to_server(s, self.bundle_source)],
-                    extra_service_names=[bundle.SERVICE_NAME],
                 )
             )
 
