@@ -26,12 +26,13 @@ def _write(path: Path, n: int) -> list[str]:
 def test_records_chain_and_verify(tmp_path: Path) -> None:
     p = tmp_path / "audit.log"
     lines = _write(p, 10)
-    assert len(lines) == 11
+    assert len(lines) == 12  # header, 10 records, the closing record
     assert (os.stat(p).st_mode & 0o777) == 0o600
     first = json.loads(lines[0])
     assert first["kind"] == "audit.header" and first["seq"] == 0
     report = verify_files([p])
-    assert report.ok and report.records == 11
+    assert report.ok and report.records == 12
+    assert json.loads(lines[-1])["kind"] == "audit.close" and not report.warnings
 
 
 @pytest.mark.parametrize(
@@ -83,7 +84,7 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         t.join()
     log.close()
     report = verify_files([p])
-    assert report.ok and report.records == 8 * 500 + 1
+    assert report.ok and report.records == 8 * 500 + 2
 
 
 def test_rotation_keeps_the_chain_across_files(tmp_path: Path) -> None:
