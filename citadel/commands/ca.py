@@ -282,6 +282,9 @@ def serve(
         list[str] | None,
         typer.Option("--dns-name", help="Serving certificate SAN (repeatable; IPs allowed)."),
     ] = None,
+    bundle_listen: Annotated[
+        str | None, typer.Option("--bundle-listen", help="HOST:PORT for HTTPS GET /bundle.")
+    ] = None,
     trust_domain: Annotated[
         str | None, typer.Option("--trust-domain", help="Only if ca-cert.pem has no SPIFFE ID.")
     ] = None,
@@ -398,6 +401,7 @@ def serve(
         self_check=self_check.value,
         insecure_plaintext=insecure_plaintext,
         dns_names=tuple(dns_name or DEFAULT_DNS_NAMES),
+        bundle_listen=bundle_listen,
         access=AccessLists.build(
             allow_namespaces=allow_namespace or (),
             deny_namespaces=deny_namespace or (),
