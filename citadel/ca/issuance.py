@@ -10,7 +10,9 @@ Every leaf is then verified by an independent validator (cryptography's Web PKI
 is worse than one that refuses.
 
 Per-authority constants (issuer name, AKI, key-usage variants, verifier store) are built
-once in ``Issuer.__init__``; ``issue`` only does what must differ per leaf.
+once in ``Issuer.__init__``; per-identity ones (the validated SPIFFE ID and its SAN
+extension) are memoised in a small bounded table, since renewals repeat identities; ``issue``
+only does what must differ per leaf.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -53,6 +55,8 @@ MAX_CSR_BYTES: Final = 8 * 1024
 _PEM_BEGIN: Final = b"-----BEGIN CERTIFICATE REQUEST-----"
 _PEM_END: Final = b"-----END CERTIFICATE REQUEST-----"
 _EC_CURVES: Final = frozenset({"secp256r1", "secp384r1"})
+#: Memoised identities (SPIFFE ID + SAN extension); cleared wholesale when full.
+_IDENTITY_CACHE: Final = 4096
 _RSA_BITS: Final = (2048, 4096)
 
 Clock = Callable[[], float]
@@ -182,7 +186,7 @@ def _describe(name: x509.GeneralName) -> str:
     return f"{kinds.get(type(name), type(name).__name__)} {value!r}"
 
 
-def _check_extensions(csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId) -> None:
+def _check_extensions(csr: x509.CertificateSigningRequest, wanted: str) -> None:
     try:
         extensions = list(csr.extensions)
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
@@ -199,7 +203,6 @@ def _check_extensions(csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId) 
             )
         if isinstance(value, x509.SubjectAlternativeName):
             names = list(value)
-            wanted = str(spiffe_id)
             others = [
                 n
                 for n in names
@@ -263,6 +266,7 @@ class Issuer:
         if self_check not in ("chain", "issuer"):
             raise AuthorityError("self_check must be 'chain' or 'issuer'")
         self.self_check = self_check
+        self._identities: dict[tuple[str, str], tuple[SpiffeId, x509.Extension[Any]]] = {}
         self._store = verification.Store([authority.root])
         self._untrusted = authority.untrusted_chain
         # Prove the whole bundle once, now: a broken layout fails at start, not per call.
@@ -299,14 +303,28 @@ class Issuer:
         return timedelta(seconds=requested_seconds)
 
     def spiffe_id_for(self, caller: Caller) -> SpiffeId:
+        return self._identity(caller)[0]
+
+    def _identity(self, caller: Caller) -> tuple[SpiffeId, x509.Extension[Any]]:
+        """The caller's SPIFFE ID and the critical SAN extension naming it (memoised)."""
+        key = (caller.namespace, caller.service_account)
+        found = self._identities.get(key)
+        if found is not None:
+            return found
         try:
-            return self.trust_domain.workload(caller.namespace, caller.service_account)
+            spiffe_id = self.trust_domain.workload(caller.namespace, caller.service_account)
         except InvalidSpiffeId as exc:
             raise PermissionDenied(
                 f"service account {caller.namespace}/{caller.service_account} does not form a "
                 f"valid SPIFFE ID: {exc}",
                 reason="invalid_identity",
             ) from None
+        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))])
+        found = (spiffe_id, x509.Extension(san.oid, True, san))
+        if len(self._identities) >= _IDENTITY_CACHE:
+            self._identities.clear()
+        self._identities[key] = found
+        return found
 
     # ------------------------------------------------------------------ issuing
 
@@ -314,11 +332,11 @@ class Issuer:
         self, caller: Caller, csr_pem: str | bytes, *, requested_ttl: int = 0
     ) -> IssuedCertificate:
         """Check the CSR against the caller, sign, self-check; raise a ``CitadelError``."""
-        spiffe_id = self.spiffe_id_for(caller)
+        spiffe_id, san = self._identity(caller)
         ttl = self.ttl_for(requested_ttl)
         csr = parse_csr(csr_pem, max_bytes=self.max_csr_bytes)
         public_key, key_type = _check_key(csr)
-        _check_extensions(csr, spiffe_id)
+        _check_extensions(csr, str(spiffe_id))
 
         now = datetime.fromtimestamp(int(self._clock()), UTC)
         not_before = now - self.backdate
@@ -339,11 +357,7 @@ class Issuer:
                     x509.KeyUsage.oid, True, _KU_RSA if key_type.startswith("rsa") else _KU_EC
                 ),
                 x509.Extension(_EKU.oid, False, _EKU),
-                x509.Extension(
-                    x509.SubjectAlternativeName.oid,
-                    True,
-                    x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
-                ),
+                san,
                 x509.Extension(
                     x509.SubjectKeyIdentifier.oid,
                     False,
