@@ -82,6 +82,9 @@ class DecisionPipeline:
         # replicas and restarts, and far cheaper than a uuid4 per request.
         self._prefix = id_prefix if id_prefix is not None else os.urandom(4).hex()
         self._counter = itertools.count(1)
+        #: False from the first audit write that failed until one succeeds again: while it
+        #: is False every request is denied, and readiness says not ready.
+        self.audit_ok = True
 
     def new_id(self) -> str:
         return f"{self._prefix}{next(self._counter):08x}"
@@ -215,7 +218,12 @@ class DecisionPipeline:
         try:
             self._audit.record(AUDIT_KIND, fields)
         except AuditError as exc:
-            _log.error("audit record not written; denying", error=exc.message)
+            if self.audit_ok:
+                self.audit_ok = False
+                _log.error("audit sink failing: denying every request until it recovers",
+                           error=exc.message)  # fmt: skip
+            else:
+                _log.error("audit record not written; denying", error=exc.message)
             if metrics is not None:
                 metrics.audit_failures.inc()
                 metrics.count("deny", "audit_failed", latency_ns / 1e9)
@@ -223,6 +231,9 @@ class DecisionPipeline:
                 False, outcome.decision_id, 403, "audit_failed",
                 "the decision could not be recorded", None, outcome.revision, tup,
             )  # fmt: skip
+        if not self.audit_ok:
+            self.audit_ok = True
+            _log.warning("audit sink recovered; deciding again")
         if metrics is not None:
             metrics.count(fields["outcome"], outcome.code, latency_ns / 1e9)
         return outcome

@@ -25,11 +25,16 @@ however it is asked. Policies are written against this mapping:
 A request whose path could mean two things to two servers is denied, never guessed
 (``Refused``, HTTP 403 with the reason): an encoded ``/`` or ``\\`` (``%2F``, ``%5C``), a raw
 backslash, NUL (raw or ``%00``) or any other control character, an invalid escape, an escape
-sequence that is not UTF-8, raw non-ASCII, a path not starting with ``/``, or a path longer
-than ``MAX_PATH_BYTES``. Why: the policy sees one spelling while the upstream may decode
-the same bytes into another path (``/admin%2Fx`` is ``/admin/x`` to some servers), which is
-how path-based authorization gets bypassed. A ``CheckRequest`` without HTTP attributes
-(Envoy's network filter sends none) is refused with HTTP 400.
+sequence that is not UTF-8, raw non-ASCII, a path not starting with ``/``, a path longer
+than ``MAX_PATH_BYTES``, or a ``;`` (raw or ``%3B``). Why: the policy sees one spelling
+while the upstream may decode the same bytes into another path (``/admin%2Fx`` is
+``/admin/x`` to some servers), which is how path-based authorization gets bypassed. The
+semicolon is refused because servlet containers (Tomcat, Jetty, Spring) strip path
+parameters before routing while Envoy and most others keep them: ``/api/..;/admin`` is
+``/admin`` to Tomcat and ``/api/..;/admin`` to everyone else, and ``/admin;x/users``
+slips past a ``/admin/*`` deny rule yet reaches ``/admin/users`` there. A
+``CheckRequest`` without HTTP attributes (Envoy's network filter sends none) is refused
+with HTTP 400.
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ RAW_PATH_AUDIT_CHARS = 256
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
-# Printable ASCII minus space and backslash: anything else raw in a path is refused.
-_PATH_CHARS_OK = re.compile(r"[!-\[\]-~]*")
+# Printable ASCII minus space, backslash and ``;``: anything else raw in a path is refused.
+_PATH_CHARS_OK = re.compile(r"[!-:<-\[\]-~]*")
 _HOST_OK = re.compile(r"[a-z0-9_.\-]*|\[[0-9a-f:.]+\]")
 _METHOD_OK = re.compile(r"[A-Z0-9!#$%&'*+.^_`|~\-]{1,32}")
 _PORT_OK = re.compile(r"[0-9]{0,5}")
@@ -119,6 +124,9 @@ def normalize_path(raw: str) -> str:
             raise _ambiguous("path_nul", "NUL byte")
         if not path.isascii():
             raise _ambiguous("path_non_ascii", "raw non-ASCII characters")
+        if ";" in path:
+            raise _ambiguous("path_semicolon", "path parameters (';') mean different paths "
+                             "to different servers")  # fmt: skip
         raise _ambiguous("path_control_char", "control character or space")
     # Fast path: nothing to decode, no empty or dot segments. Most traffic ends here.
     if "%" not in path and "//" not in path and "/." not in path:
@@ -148,6 +156,8 @@ def _decode_unreserved(path: str) -> str:
             raise _ambiguous("path_encoded_backslash", "encoded backslash (%5C)")
         if byte == 0x00:
             raise _ambiguous("path_nul", "encoded NUL (%00)")
+        if byte == 0x3B:
+            raise _ambiguous("path_semicolon", "encoded semicolon (%3B)")
         if byte < 0x20 or byte == 0x7F:
             raise _ambiguous("path_control_char", f"encoded control character (%{pair})")
         ch = chr(byte)

@@ -28,6 +28,7 @@ import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.core import GaugeMetricFamily
 
 from authz.admin import AdminApp, create_admin_app
 from authz.decisions import DecisionPipeline
@@ -39,7 +40,7 @@ from authz.shadow import ShadowEvaluator
 from authz.shadow import register_metrics as register_shadow_metrics
 from authz.state import PolicyState
 from citadel.audit import AuditLog, open_audit_log
-from citadel.errors import ConfigError
+from citadel.errors import AuditError, ConfigError
 from citadel.logs import get_logger
 
 __all__ = ["AuthzConfig", "RunningAuthz", "parse_listen", "start_authz"]
@@ -66,6 +67,13 @@ class AuthzConfig:
     reuse_port: bool = False
     #: Checks queued before the server starts shedding them (CANCELLED, so Envoy denies).
     max_pending: int = 10_000
+    #: RPCs accepted and not yet answered (queued on the event loop included) beyond which
+    #: new ones are refused at once with RESOURCE_EXHAUSTED, before they are read; Envoy
+    #: denies them (status_on_error). None: unbounded. Bounds memory and queueing delay.
+    max_in_flight: int | None = 4096
+    #: A Check with less of its gRPC deadline left than this is denied unevaluated and
+    #: audited as ``deadline_exceeded`` (authz/service.py).
+    min_deadline_s: float = 0.001
     #: Watch policy_dir (and shadow_policy_dir) and hot-reload them (authz/reload.py).
     #: A caller that passes its own ``state`` to start_authz manages that state's watching.
     watch_policy: bool = True
@@ -125,6 +133,22 @@ def _server_credentials(config: AuthzConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
+
+
+class _AuditHealthCollector:
+    """``citadel_authz_audit_healthy``: 0 while audit writes fail (and everything is denied)."""
+
+    def __init__(self, pipeline: DecisionPipeline) -> None:
+        self._pipeline = pipeline
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily(
+            "citadel_authz_audit_healthy",
+            "1 if the last audit write succeeded; 0 while the sink fails and every Check is "
+            "denied (fail closed).",
+        )
+        g.add_metric([], 1.0 if self._pipeline.audit_ok else 0.0)
+        yield g
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -209,7 +233,7 @@ async def start_authz(
     if audit is None:
         try:
             audit = open_audit_log(config.audit_log, name="authz", clock=clock)
-        except OSError as exc:
+        except (OSError, AuditError) as exc:  # e.g. a full disk refuses the header record
             raise ConfigError(f"cannot open audit log {config.audit_log}: {exc}") from exc
     cleanup: list[Callable[[], object]] = [audit.close] if owns_audit else []
     try:
@@ -238,9 +262,12 @@ async def start_authz(
                 # limit); Envoy bursts can exceed the defaults (1,000/3,000) on one loop.
                 ("grpc.server.max_pending_requests", config.max_pending),
                 ("grpc.server.max_pending_requests_hard_limit", config.max_pending * 2),
-            ]
+            ],
+            maximum_concurrent_rpcs=config.max_in_flight,
         )
-        server.add_generic_rpc_handlers((generic_handler(AuthorizationServicer(pipeline)),))
+        metrics.registry.register(_AuditHealthCollector(pipeline))
+        servicer = AuthorizationServicer(pipeline, min_deadline_s=config.min_deadline_s)
+        server.add_generic_rpc_handlers((generic_handler(servicer),))
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
@@ -286,7 +313,8 @@ async def start_authz(
             state=state,
             pipeline=pipeline,
             metrics=metrics,
-            ready=lambda: running.serving,
+            # Not ready while the audit sink fails: every Check is being denied then.
+            ready=lambda: running.serving and pipeline.audit_ok,
             http_prefix=config.http_prefix,
             trust_xfcc=config.trust_xfcc,
             reload=reloader.reload_now,

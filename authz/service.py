@@ -7,6 +7,15 @@ is the shared ``DecisionPipeline``. Requests are decoded by ``decode_check_reque
 instead of grpc's default deserializer so a malformed message (e.g. invalid UTF-8 in a
 string field) becomes an audited 400 denial rather than an anonymous INTERNAL error, and
 ``Check`` returns serialized bytes (an allow is a cached template plus the decision id).
+
+Deadlines: a Check whose gRPC deadline has passed, or leaves less than ``min_deadline_s``,
+is not evaluated: the caller has given up (Envoy's default ext_authz timeout is 200 ms and
+it denies on timeout), so deciding it only delays the requests queued behind it. It is
+denied (``DEADLINE_EXCEEDED`` in the CheckResponse, HTTP 503) and audited with code
+``deadline_exceeded``. Under overload this is what keeps the queue from growing without
+bound: work that queued too long is dropped at the cost of one audit record, not a
+decision. Every refusal is a CheckResponse rather than a gRPC error so Envoy denies even
+with ``failure_mode_allow: true``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from authz.decisions import DecisionPipeline, Outcome
 from authz.request import Refused, trace_id_from
 
 __all__ = [
+    "DEADLINE_HTTP_STATUS",
     "DECISION_HEADER",
     "SERVICE_NAME",
     "AuthorizationServicer",
@@ -38,6 +48,14 @@ SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 DECISION_HEADER = "x-citadel-decision-id"
 _TRACE_HEADERS = ("x-request-id", "traceparent", "x-b3-traceid")
 _OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+DEADLINE_HTTP_STATUS = 503
+#: Default floor: a Check with less time left than this cannot be answered usefully.
+MIN_DEADLINE_S = 0.001
+# The CheckResponse status of denials that are not policy decisions.
+_RPC_CODES = {
+    "deadline_exceeded": code_pb2.DEADLINE_EXCEEDED,
+    "overloaded": code_pb2.RESOURCE_EXHAUSTED,
+}
 _CheckRequest = external_auth_pb2.CheckRequest
 _CheckResponse = external_auth_pb2.CheckResponse
 
@@ -107,10 +125,13 @@ def _deny(outcome: Outcome) -> bytes:
             "reason": outcome.reason,
         }
     )
-    bad_request = outcome.http_status == 400
+    code = _RPC_CODES.get(outcome.code)
+    if code is None:
+        bad_request = outcome.http_status == 400
+        code = code_pb2.INVALID_ARGUMENT if bad_request else code_pb2.PERMISSION_DENIED
     return _CheckResponse(
         status=status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT if bad_request else code_pb2.PERMISSION_DENIED,
+            code=code,
             message=f"{outcome.reason} (decision {outcome.decision_id})",
         ),
         denied_response=external_auth_pb2.DeniedHttpResponse(
@@ -150,8 +171,13 @@ def _trace_headers(http: Any) -> dict[str, str]:
 class AuthorizationServicer:
     """``Check`` for Envoy; never raises, every outcome audited by the pipeline."""
 
-    def __init__(self, pipeline: DecisionPipeline) -> None:
+    def __init__(
+        self, pipeline: DecisionPipeline, *, min_deadline_s: float = MIN_DEADLINE_S
+    ) -> None:
         self._pipeline = pipeline
+        self._min_deadline_s = min_deadline_s
+        #: Checks refused unevaluated because their deadline had passed (or nearly).
+        self.deadline_refused = 0
 
     async def Check(
         self, request: _CheckRequest | Undecodable, context: grpc.aio.ServicerContext
@@ -187,6 +213,26 @@ class AuthorizationServicer:
                 return _deny(outcome)
             http = attrs.request.http
             extra = _trace_headers(http)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining < self._min_deadline_s:
+                self.deadline_refused += 1
+                outcome = pipeline.refuse(
+                    Refused(
+                        "deadline_exceeded",
+                        f"not evaluated: {max(remaining, 0) * 1000:.1f} ms of the caller's "
+                        "deadline left (queued too long; the server is overloaded)",
+                        http_status=DEADLINE_HTTP_STATUS,
+                    ),
+                    transport="grpc",
+                    started_ns=started,
+                    principal=principal,
+                    host=http.host,
+                    method=http.method,
+                    path=http.path,
+                    request_id=extra.get("x-request-id"),
+                    trace_id=trace_id_from(extra) if extra else None,
+                )
+                return _deny(outcome)
             outcome = pipeline.decide(
                 principal=principal,
                 host=http.host,

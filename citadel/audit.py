@@ -519,7 +519,7 @@ def read_records(paths: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
             for raw in fh:
                 try:
                     rec = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):  # deep nesting is not a record either
                     continue
                 if isinstance(rec, dict):
                     yield rec
@@ -622,7 +622,7 @@ def verify_files(
                     continue
                 try:
                     rec = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):
                     return fail("record is not valid JSON (altered or truncated)", fname, lineno)
                 if not isinstance(rec, dict):
                     return fail("record is not a JSON object (altered)", fname, lineno)
