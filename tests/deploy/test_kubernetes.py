@@ -99,7 +99,10 @@ def test_kustomize_build_output_validates() -> None:
             assert doc["metadata"]["namespace"] == NAMESPACE
     cm = one("ConfigMap", "citadel-policies", docs)
     for name, text in cm["data"].items():
-        assert text == (REPO / "policies" / name).read_text(encoding="utf-8")
+        shipped = REPO / "policies" / name
+        if name.endswith(".test.yaml"):  # flattened from policies/tests/
+            shipped = REPO / "policies" / "tests" / name.replace(".test.yaml", ".yaml")
+        assert text == shipped.read_text(encoding="utf-8")
     assert len(docs) == sum(len(load_docs(p)) for p in kubernetes_files()) + 1
 
 
@@ -126,12 +129,21 @@ def test_policy_copy_equals_the_shipped_policies() -> None:
     """kustomize cannot read ../../policies, so deploy/kubernetes/policies is a copy; it must
     never drift. Fix a failure with: cp policies/* deploy/kubernetes/policies/"""
     shipped = {p.name for p in (REPO / "policies").iterdir() if p.is_file()}
-    copied = {p.name for p in (K8S_DIR / "policies").iterdir() if p.is_file()}
+    copied = {
+        p.name
+        for p in (K8S_DIR / "policies").iterdir()
+        if p.is_file() and not p.name.endswith(".test.yaml")
+    }
     assert copied == shipped
     _, mismatch, errors = filecmp.cmpfiles(
         REPO / "policies", K8S_DIR / "policies", sorted(shipped), shallow=False
     )
     assert not mismatch and not errors, f"differ from policies/: {mismatch + errors}"
+    # The policy tests ride along flattened (a ConfigMap has no subdirectories).
+    for case in (REPO / "policies" / "tests").glob("*.yaml"):
+        flat = K8S_DIR / "policies" / f"{case.stem}.test.yaml"
+        assert flat.is_file(), f"cp {case} {flat}"
+        assert flat.read_bytes() == case.read_bytes(), f"{flat} differs from {case}"
 
 
 def test_every_namespaced_object_is_in_citadel_system() -> None:
