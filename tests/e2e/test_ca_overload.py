@@ -39,7 +39,7 @@ from citadel.dev import load_dev_issuer, mint_token
 from tests.conftest import free_port
 from tests.e2e.conftest import make_ca_state, running_ca
 
-RATE = 40  # the configured capacity, requests per second
+RATE = 20  # the configured capacity, requests per second
 OFFERED_RATE = 10 * RATE
 STORM_S = 2.5
 
@@ -193,13 +193,13 @@ def test_storm_of_ten_times_capacity_is_shed_and_ca_recovers(limited_ca: Served)
     print(f"\nCA overload: {json.dumps(shown)}")
     assert result["other"] == 0, result["others"]
     assert result["offered"] == result["served"] + result["shed"]
-    assert result["offered_per_s"] >= 5 * RATE, "the client could not offer a storm"
+    assert result["offered_per_s"] >= 5 * RATE, f"the client could not offer a storm: {result}"
     # The bucket allows its burst (1 s) plus the rate over the storm, with scheduling slack.
-    assert result["served"] <= RATE * (1 + result["storm_s"]) * 1.25 + 5
-    assert result["shed"] >= result["offered"] // 2
+    assert result["served"] <= RATE * (1 + result["storm_s"]) * 1.25 + 5, result
+    assert result["shed"] >= result["offered"] // 2, result
     assert result["hints"] == {1.0}, "agent reads the hint: retry after 1 s"
     assert result["trailers"] == {"1"}
-    assert result["recovered_after_s"] is not None and result["recovered_after_s"] < 1.0
+    assert result["recovered_after_s"] is not None and result["recovered_after_s"] < 1.0, result
     assert result["normal_after"] == 10
     # Every attempt audited, exactly once, with its outcome and reason.
     records = limited_ca.records()[before:]
