@@ -239,6 +239,23 @@ def test_ca_reads_cacerts_secret_read_only_as_its_state_dir() -> None:
     (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
     assert vol["secret"]["secretName"] == "cacerts"
     assert vol["secret"]["defaultMode"] == 0o440, "group-readable for fsGroup, nobody else"
+    # The CA refuses a group-readable key unless told this is the Secret-mount case.
+    assert "--allow-group-readable-key" in c["args"]
+    assert isinstance(spec["securityContext"].get("fsGroup"), int)
+
+
+def test_ca_accepts_its_key_as_kubernetes_mounts_it(tmp_path: Path) -> None:
+    """The key mode the manifest produces (0440) loads with the manifest's flag, and only
+    with it: the deployment and the CA's key check agree."""
+    from citadel.ca.authority import init_authority, load_authority
+    from citadel.errors import AuthorityError
+
+    init_authority(tmp_path, trust_domain="cluster.local", key_type="ec-p256")
+    key = next(tmp_path.rglob("ca-key.pem"))
+    key.chmod(0o440)
+    with pytest.raises(AuthorityError):
+        load_authority(tmp_path)
+    assert load_authority(tmp_path, allow_group_readable_key=True) is not None
 
 
 def test_ca_readiness_checks_grpc_health_over_tls() -> None:
