@@ -29,10 +29,19 @@ _SEGMENT_CHARS: Final = frozenset(
 )
 
 
+def _utf8_len(text: str) -> int:
+    """Byte length; text that is not encodable (lone surrogates, e.g. from a JSON
+    ``\\udcxx`` escape in a token claim) is an invalid ID, not a crash."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError as exc:
+        raise InvalidSpiffeId("SPIFFE ID is not valid Unicode text") from exc
+
+
 def _check_trust_domain(name: str) -> None:
     if not name:
         raise InvalidSpiffeId("trust domain is missing")
-    if len(name.encode()) > MAX_TRUST_DOMAIN_BYTES:
+    if _utf8_len(name) > MAX_TRUST_DOMAIN_BYTES:
         raise InvalidSpiffeId(f"trust domain is longer than {MAX_TRUST_DOMAIN_BYTES} bytes")
     bad = set(name) - _TD_CHARS
     if bad:
@@ -111,7 +120,7 @@ class SpiffeId:
             raise InvalidSpiffeId("SPIFFE ID must be a string")
         if not uri:
             raise InvalidSpiffeId("SPIFFE ID cannot be empty")
-        if len(uri.encode()) > MAX_ID_BYTES:
+        if _utf8_len(uri) > MAX_ID_BYTES:
             raise InvalidSpiffeId(f"SPIFFE ID is longer than {MAX_ID_BYTES} bytes")
         if not uri.startswith(SCHEME_PREFIX):
             raise InvalidSpiffeId("scheme is missing or invalid: a SPIFFE ID starts 'spiffe://'")
