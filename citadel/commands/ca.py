@@ -275,6 +275,13 @@ def serve(
     audit_log: Annotated[
         str, typer.Option("--audit-log", help="Audit JSON lines: a FILE, or - for stdout.")
     ] = "-",
+    audit_signing_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--audit-signing-key",
+            help="Ed25519/EC key (citadel audit keygen) signing periodic audit checkpoints.",
+        ),
+    ] = None,
     insecure_plaintext: Annotated[
         bool, typer.Option("--insecure-plaintext", help="Serve without TLS (never in production).")
     ] = False,
@@ -381,7 +388,7 @@ def serve(
             passphrase=_passphrase(key_passphrase_file, key_passphrase_env),
             allow_group_readable_key=allow_group_readable_key,
         )
-        audit = open_audit_log(audit_log, name="citadel-ca")
+        audit = open_audit_log(audit_log, name="citadel-ca", signing_key=audit_signing_key)
     except AuthorityError as exc:
         raise _err(console, exc.message) from None
     except CitadelError as exc:

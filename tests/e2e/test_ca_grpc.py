@@ -659,6 +659,9 @@ def test_cli_init_token_serve(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     token = r.stdout.strip()
+    signing_key = tmp_path / "audit-key.pem"
+    r = _citadel("audit", "keygen", "--out", str(signing_key))
+    assert r.returncode == 0, r.stderr
     port = free_port()
     audit = tmp_path / "audit.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -679,6 +682,8 @@ def test_cli_init_token_serve(tmp_path: Path) -> None:
             str(state / "dev-issuer" / "jwks.json"),
             "--audit-log",
             str(audit),
+            "--audit-signing-key",
+            str(signing_key),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -723,3 +728,8 @@ def test_cli_init_token_serve(tmp_path: Path) -> None:
     assert '"outcome":"granted"' in audit.read_text()
     assert token not in audit.read_text() and token not in err
     assert verify_files([audit]).ok
+    # The stream was closed with a checkpoint signed by the operator's key.
+    r = _citadel(
+        "audit", "verify", str(audit), "--public-key", f"{signing_key}.pub", "--require-closed"
+    )
+    assert r.returncode == 0, r.stderr
