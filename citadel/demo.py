@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,9 +55,12 @@ __all__ = [
     "WORKLOADS",
     "Plane",
     "Scenario",
+    "audit_step",
+    "conclude",
     "obtain_svids",
     "plane_for",
     "run_demo",
+    "run_tour",
     "scenarios_for",
     "svid_table",
 ]
@@ -497,38 +500,57 @@ async def _demo(state_dir: Path, console: Console, tail: int, work: Path) -> int
         for r in results:
             failures += [f"{r.scenario.name}: {p}" for p in r.problems]
 
-        console.rule("[bold]3. the audit trail")
-        audit_path = Path(info.audit_log)
-        print_audit_tail(console, audit_path, tail)
-        report = verify_files([audit_path])
-        if report.ok:
-            console.print(f"[green]audit verified[/]: {report.records} records in "
-                          f"{len(report.streams)} stream(s), every hash chain intact")  # fmt: skip
-        else:
-            failures.append(
-                f"audit verification failed at {report.problem_file}:{report.problem_line}: "
-                f"{report.problem}"
-            )
+        audit_step(console, Path(info.audit_log), tail, failures)
+    return conclude(
+        console,
+        failures,
+        f"{len(svids)} SVIDs issued and verified, "
+        f"{len(results)} decisions as the policy says, audit trail intact",
+    )
+
+
+def audit_step(console: Console, audit_path: Path, tail: int, failures: list[str]) -> None:
+    """Step 3 of either tour: the trail's last records, then every hash chain verified."""
+    console.rule("[bold]3. the audit trail")
+    print_audit_tail(console, audit_path, tail)
+    report = verify_files([audit_path])
+    if report.ok:
+        console.print(f"[green]audit verified[/]: {report.records} records in "
+                      f"{len(report.streams)} stream(s), every hash chain intact")  # fmt: skip
+    else:
+        failures.append(
+            f"audit verification failed at {report.problem_file}:{report.problem_line}: "
+            f"{report.problem}"
+        )
+
+
+def conclude(console: Console, failures: Sequence[str], passed: str) -> int:
+    """The verdict line and the exit code: 0 only when no step differed."""
     console.rule()
     if failures:
         console.print(f"[bold red]demo FAILED[/]: {len(failures)} step(s) differed:")
         for f in failures:
             console.print(f"  - {escape(f)}", highlight=False)
         return 1
-    console.print(
-        f"[bold green]demo passed[/]: {len(svids)} SVIDs issued and verified, "
-        f"{len(results)} decisions as the policy says, audit trail intact"
-    )
+    console.print(f"[bold green]demo passed[/]: {passed}")
     return 0
 
 
-def run_demo(*, state_dir: Path, console: Console, tail: int = 24) -> int:
-    """Exit code: 0 only when every step behaved as the policy says."""
-    work = Path(tempfile.mkdtemp(prefix="citadel-demo-"))
+def run_tour(
+    tour: Callable[[Path], Awaitable[int]], *, console: Console, prefix: str = "citadel-demo-"
+) -> int:
+    """Run ``tour(work)`` in a private temporary directory that is removed afterwards;
+    a CitadelError is one clear line and exit code 2, never a stack trace."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        return asyncio.run(_demo(state_dir, console, tail, work))
+        return asyncio.run(tour(work))
     except CitadelError as exc:
         console.print(f"[red]error:[/] {escape(exc.message)}")
         return 2
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_demo(*, state_dir: Path, console: Console, tail: int = 24) -> int:
+    """Exit code: 0 only when every step behaved as the policy says."""
+    return run_tour(lambda work: _demo(state_dir, console, tail, work), console=console)

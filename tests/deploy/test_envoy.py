@@ -4,7 +4,6 @@ no unknown field — that the real Envoy binary accepts, wired as the design say
 from __future__ import annotations
 
 import copy
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, descriptor_pool, json_format, message, message_factory
 
+from citadel.envoyproc import find_envoy, validate
 from tests.deploy.manifests import ENVOY_DIR, load_docs
 
 BOOTSTRAPS = sorted(ENVOY_DIR.glob("*.yaml"))
@@ -231,18 +231,12 @@ def test_a_typo_fails_the_parse(typo: Any) -> None:
 
 # --- the real binary ----------------------------------------------------------------------
 
-ENVOY = shutil.which("envoy")
+ENVOY = find_envoy()
 needs_envoy = pytest.mark.skipif(ENVOY is None, reason="envoy binary not installed")
 
 
 def _envoy_validate(path: Path) -> subprocess.CompletedProcess[str]:
-    assert ENVOY is not None
-    return subprocess.run(
-        [ENVOY, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return validate(path, binary=ENVOY)
 
 
 @pytest.mark.envoy

