@@ -107,7 +107,7 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
                 except grpc.RpcError as exc:
                     key = "ca_refused" if exc.code() == grpc.StatusCode.UNAUTHENTICATED else ""
                     if not key:  # pragma: no cover - a failure below
-                        errors.append(f"ca {exc.code()}")
+                        errors.append(f"ca {exc.code()} {exc.details()}")
                         continue
                 with lock:
                     counts[key] += 1
