@@ -31,12 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# bench/envoy.py would shadow the ``envoy`` protobuf package our SDS module imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from citadel.agent.agent import Agent, AgentConfig  # noqa: E402
-from citadel.dev import init_dev_issuer, mint_token  # noqa: E402
-from citadel.logs import configure_logging  # noqa: E402
+from citadel.agent.agent import Agent, AgentConfig
+from citadel.dev import init_dev_issuer, mint_token
+from citadel.logs import configure_logging
 
 
 def _free_port() -> int:

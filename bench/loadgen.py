@@ -48,11 +48,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# Run as a script, bench/ is first on sys.path, where bench/envoy.py and bench/authz.py
-# would shadow the ``envoy`` (xds-protos) and ``authz`` packages: keep this directory last.
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _HERE] + [_HERE]
-
 __all__ = [
     "CHECK_METHOD",
     "LoadResult",

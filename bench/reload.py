@@ -23,23 +23,17 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-# bench/authz.py must not shadow the ``authz`` package: import the package first, with
-# this directory off the path, then put the directory back (last) for ``policies``.
+import policies
+from authz.reload import Reloader, initial_state, load_candidate
+from authz.state import PolicyState
+from citadel.logs import configure_logging
+
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-from authz.reload import Reloader, initial_state, load_candidate  # noqa: E402
-from authz.state import PolicyState  # noqa: E402
-from citadel.logs import configure_logging  # noqa: E402
-
-sys.path.append(str(_HERE))
-import policies  # noqa: E402
 
 MODEL = (_HERE.parent / "policies" / "model.conf").read_text()
 

@@ -71,6 +71,19 @@ def target_rows(name: str, result: dict) -> list[str]:
     return rows
 
 
+#: The Check service bench; results written before its rename call it ``authz``.
+CHECK_BENCHES = ("check_service", "authz")
+
+
+def check_service(benches: dict) -> tuple[str, dict] | None:
+    """(name, result) of the Check service bench in ``benches``, if it measured anything."""
+    for name in CHECK_BENCHES:
+        result = (benches.get(name) or {}).get("result")
+        if result:
+            return name, result
+    return None
+
+
 def authz_table(result: dict) -> list[str]:
     lines = [
         "| Server | Policy rules | Offered rps | Achieved rps | p50 ms | p99 ms | Errors |",
@@ -123,12 +136,13 @@ def render(results: dict) -> str:
         if not entry.get("ok"):
             rows = rows or [f"| {name} | - | not measured: {entry.get('error')} | | | |"]
         lines += rows
-    if "authz" in benches and benches["authz"].get("result"):
-        lines += ["", "### Check service under load (`bench/authz.py`)", ""]
-        lines += authz_table(benches["authz"]["result"])
+    check = check_service(benches)
+    if check:
+        lines += ["", f"### Check service under load (`bench/{check[0]}.py`)", ""]
+        lines += authz_table(check[1])
     for name, entry in benches.items():
         result = entry.get("result")
-        if name == "authz" or not result or result.get("targets"):
+        if name in CHECK_BENCHES or not result or result.get("targets"):
             continue
         figures = headline(result)
         if figures:
@@ -147,9 +161,10 @@ def plot(results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    authz = (results.get("benches", {}).get("authz") or {}).get("result")
-    if not authz:
+    check = check_service(results.get("benches", {}))
+    if not check:
         return False
+    authz = check[1]
     series = {"trivial": authz.get("trivial", {})}
     for rules, entry in authz.get("citadel", {}).items():
         series[f"citadel, {int(rules):,} rules"] = entry.get("runs", {})

@@ -12,7 +12,7 @@ error and the tail of its stderr), then ``bench/report.py`` renders the README t
 ``bench/out/performance.md``.
 
     python bench/run_all.py                 # everything
-    python bench/run_all.py --only authz,workers
+    python bench/run_all.py --only check_service,workers
     python bench/run_all.py --quick         # pass --quick to benches that take it
 """
 
@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 HARNESS = {"loadgen", "trivial_authz", "policies", "run_all", "report"}
 #: Order: quick, independent benches first; the long service benches last.
-PREFERRED_ORDER = ("engine", "reload", "ca", "agent", "authz", "workers", "envoy")
+PREFERRED_ORDER = ("engine", "reload", "ca", "agent", "check_service", "workers", "envoy_vs_rbac")
 DEFAULT_BUDGET_S = 570.0  # leaves room for start-up and the report inside ten minutes
 RESERVE_PER_BENCH_S = 45.0  # kept back for each bench still to run
 

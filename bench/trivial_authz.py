@@ -17,16 +17,10 @@ import asyncio
 import contextlib
 import signal
 import sys
-from pathlib import Path
 
-# Run as a script, bench/ is first on sys.path, where bench/envoy.py and bench/authz.py
-# would shadow the ``envoy`` (xds-protos) and ``authz`` packages: keep this directory last.
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _HERE] + [_HERE]
-
-import grpc  # noqa: E402
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc  # noqa: E402
-from google.rpc import status_pb2  # noqa: E402
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from google.rpc import status_pb2
 
 __all__ = ["TrivialAuthorization", "serve"]
 

