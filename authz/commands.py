@@ -1,27 +1,29 @@
-"""`citadel authz ...` commands: thin wrappers over authz.server and authz.decisions."""
+"""`citadel authz ...` commands: thin wrappers over authz.server and authz.decisions.
+
+Every ``citadel`` invocation imports this module to build the command tree, so it holds
+only the options: the server, engine and logging stacks (gRPC, FastAPI, uvicorn, casbin,
+structlog) are imported inside the command that needs them.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from authz.decisions import explain_request
 from authz.lifecycle_commands import register as register_lifecycle_commands
-from authz.loading import load_engine
-from authz.server import DEFAULT_MAX_MESSAGE_BYTES, AuthzConfig, RunningAuthz, start_authz
-from authz.workers import run_workers
-from citadel.errors import ConfigError, PolicyError
-from citadel.logs import configure_logging, get_logger
+
+if TYPE_CHECKING:
+    from authz.server import AuthzConfig, RunningAuthz
+    from citadel.errors import PolicyError
 
 app = typer.Typer(no_args_is_help=True, help="The ext_authz decision service.")
+
+#: authz.server.DEFAULT_MAX_MESSAGE_BYTES, spelt here so --help needs no server import
+#: (tests/test_cli_startup.py holds the two equal).
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 PolicyDir = Annotated[
     Path,
@@ -39,6 +41,12 @@ def policy_error_text(exc: PolicyError, policy_dir: Path) -> str:
 async def _serve(
     config: AuthzConfig, *, on_ready: Callable[[RunningAuthz], None] | None = None
 ) -> None:
+    import asyncio
+    import signal
+
+    from authz.server import start_authz
+    from citadel.logs import get_logger
+
     running = await start_authz(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,6 +107,15 @@ def serve(
     Exits 2 without listening if the policy, TLS files, audit log or ports are unusable;
     exits 0 after draining on SIGTERM.
     """
+    import asyncio
+
+    from rich.console import Console
+
+    from authz.server import AuthzConfig
+    from authz.workers import run_workers
+    from citadel.errors import ConfigError, PolicyError
+    from citadel.logs import configure_logging
+
     configure_logging(level=log_level)
     config = AuthzConfig(
         policy_dir=policy_dir,
@@ -142,6 +159,15 @@ def check(
 
     Exit 0 allow, 1 deny, 2 bad input or an invalid policy.
     """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from authz.decisions import explain_request
+    from authz.loading import load_engine
+    from citadel.errors import PolicyError
+
     out, err = Console(), Console(stderr=True)
     try:
         engine = load_engine(policy_dir).engine

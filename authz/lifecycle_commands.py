@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from authz.policytests import TestReport, load_cases, run_cases
-from authz.reload import load_candidate
-from authz.replay import ReplayReport, replay_files
-from citadel.errors import PolicyError
+# The policy machinery (casbin, the engine, the audit reader) and rich load inside the
+# commands: every ``citadel`` invocation builds this command tree.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from authz.policytests import TestReport
+    from authz.replay import ReplayReport
+    from citadel.errors import PolicyError
 
 __all__ = ["register", "replay_command", "test_command"]
 
@@ -37,6 +38,8 @@ def _where(exc: PolicyError) -> str:
 
 
 def _invalid(console: Console, what: str, exc: PolicyError, as_json: bool) -> typer.Exit:
+    from rich.markup import escape
+
     if as_json:
         typer.echo(
             json.dumps(
@@ -49,6 +52,8 @@ def _invalid(console: Console, what: str, exc: PolicyError, as_json: bool) -> ty
 
 
 def _print_tests(console: Console, report: TestReport, verbose: bool) -> None:
+    from rich.markup import escape
+
     if report.failures:
         console.print("FAILURES")
         console.print(_RULE)
@@ -94,6 +99,12 @@ def test_command(
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List passing cases.")] = False,
 ) -> None:
     """Run the policy's test cases; exit 0 all pass, 1 any failure, 2 invalid policy."""
+    from rich.console import Console
+
+    from authz.policytests import load_cases, run_cases
+    from authz.reload import load_candidate
+    from citadel.errors import PolicyError
+
     console = Console()
     try:
         _, engine = load_candidate(policy_dir, run_tests=False)
@@ -117,6 +128,9 @@ def test_command(
 
 
 def _print_replay(console: Console, report: ReplayReport) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     if report.changes:
         table = Table(title=f"Changes under candidate revision {report.candidate_revision}")
         table.add_column("change")
@@ -156,6 +170,13 @@ def replay_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ) -> None:
     """Re-decide recorded decisions with a candidate policy; list what would change."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from authz.reload import load_candidate
+    from authz.replay import replay_files
+    from citadel.errors import PolicyError
+
     console = Console()
     try:
         _, engine = load_candidate(candidate, run_tests=False)

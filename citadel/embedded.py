@@ -21,19 +21,20 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import citadel
-from authz.server import AuthzConfig, RunningAuthz, start_authz
-from authz.state import PolicyState
-from citadel.audit import AuditLog, open_audit_log
-from citadel.ca import bundle as ca_bundle
-from citadel.ca.authority import Authority, cacerts_dir, load_or_init_authority
-from citadel.ca.jwks import JwksAuthenticator
-from citadel.ca.server import CAConfig, RunningCA, start_ca
-from citadel.dev import DevIssuer, init_dev_issuer
 from citadel.errors import ConfigError
-from citadel.logs import get_logger
+
+# The services (gRPC, FastAPI, uvicorn, the CA's crypto) load when a plane starts:
+# ``citadel up --help`` and the CLI's command tree import this module for its defaults.
+if TYPE_CHECKING:
+    from authz.server import RunningAuthz
+    from authz.state import PolicyState
+    from citadel.audit import AuditLog
+    from citadel.ca.authority import Authority
+    from citadel.ca.server import RunningCA
+    from citadel.dev import DevIssuer
 
 __all__ = [
     "DEFAULT_ADMIN_LISTEN",
@@ -56,7 +57,6 @@ DEFAULT_CA_LISTEN = "127.0.0.1:15012"
 DEFAULT_AUTHZ_LISTEN = "127.0.0.1:9191"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8181"
 UP_FILE = "up.json"
-_log = get_logger("citadel.embedded")
 
 
 def default_policy_dir() -> Path | None:
@@ -81,6 +81,8 @@ class Bootstrap:
 
     @property
     def root_cert(self) -> Path:
+        from citadel.ca.authority import cacerts_dir
+
         return cacerts_dir(self.state_dir) / "root-cert.pem"
 
 
@@ -94,6 +96,9 @@ def bootstrap_state(
 
     ``on_step`` wraps each slow step (key generation) so the CLI can show progress.
     """
+    from citadel.ca.authority import cacerts_dir, load_or_init_authority
+    from citadel.dev import init_dev_issuer
+
     step = on_step or (lambda _msg: contextlib.nullcontext())
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     directory = cacerts_dir(state_dir)
@@ -287,6 +292,13 @@ class RunningPlane:
 
 async def start_plane(config: PlaneConfig, bootstrap: Bootstrap) -> RunningPlane:
     """Start CA (TLS) + ext_authz (gRPC) + admin (HTTP); raise ConfigError/PolicyError early."""
+    from authz.server import AuthzConfig, start_authz
+    from citadel.audit import open_audit_log
+    from citadel.ca import bundle as ca_bundle
+    from citadel.ca.authority import cacerts_dir
+    from citadel.ca.jwks import JwksAuthenticator
+    from citadel.ca.server import CAConfig, start_ca
+
     audit_path = config.audit_path
     try:
         ca_audit = open_audit_log(audit_path, name="citadel-ca")

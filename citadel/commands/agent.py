@@ -1,21 +1,17 @@
-"""`citadel agent ...`: the sidecar agent (one command; options only)."""
+"""`citadel agent ...`: the sidecar agent (one command; options only).
+
+Init containers run ``citadel agent --once`` on every pod start, so the agent's runtime
+(gRPC, the SDS server, structlog) is imported inside the command, not with the CLI.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from citadel.agent.agent import AgentConfig
-from citadel.agent.health import parse_listen
 from citadel.agent.keys import KeyType
-from citadel.agent.run import run_agent, run_once
-from citadel.durations import parse_duration
-from citadel.errors import CitadelError
-from citadel.logs import configure_logging
-from citadel.spiffe import TrustDomain
 
 app = typer.Typer(
     invoke_without_command=True,
@@ -59,6 +55,16 @@ def agent(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Get a workload certificate from the CA; keep it renewed; serve it to Envoy."""
+    import asyncio
+
+    from citadel.agent.agent import AgentConfig
+    from citadel.agent.health import parse_listen
+    from citadel.agent.run import run_agent, run_once
+    from citadel.durations import parse_duration
+    from citadel.errors import CitadelError
+    from citadel.logs import configure_logging
+    from citadel.spiffe import TrustDomain
+
     configure_logging(level=log_level)
     try:
         config = AgentConfig(

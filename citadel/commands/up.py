@@ -1,16 +1,17 @@
-"""`citadel up` and `citadel demo`: the embedded default and its guided tour."""
+"""`citadel up` and `citadel demo`: the embedded default and its guided tour.
+
+citadel.embedded is light until a plane starts; logging and the consoles load inside the
+commands, so building the CLI's command tree costs nothing here.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
 from citadel.embedded import (
     DEFAULT_ADMIN_LISTEN,
@@ -25,7 +26,9 @@ from citadel.embedded import (
     start_plane,
 )
 from citadel.errors import CitadelError, PolicyError
-from citadel.logs import configure_logging
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["demo", "up"]
 
@@ -89,6 +92,9 @@ def _print_plane(out: Console, plane: RunningPlane, reused: bool) -> None:
 
 
 async def _run_up(config: PlaneConfig, out: Console, err: Console) -> None:
+    import asyncio
+    import signal
+
     @contextlib.contextmanager
     def step(message: str) -> Iterator[None]:
         with err.status(f"[bold]{message}[/]..."):
@@ -152,6 +158,12 @@ def up(
     runs reuse them. Exits 0 after draining on Ctrl-C/SIGTERM, 2 on a taken port or an
     unusable policy.
     """
+    import asyncio
+
+    from rich.console import Console
+
+    from citadel.logs import configure_logging
+
     out, err = Console(), Console(stderr=True)
     configure_logging(level=log_level)
     policies = _resolve_policy_dir(err, policy_dir)
@@ -207,6 +219,10 @@ def demo(
     Uses the `citadel up` running for --state-dir, or starts a private one in a temporary
     directory. Exits 0 only when every step behaved as the shipped policy says.
     """
+    from rich.console import Console
+
+    from citadel.logs import configure_logging
+
     configure_logging(level=log_level)
     out = Console()
     if not out.is_terminal:  # logs and CI: room for the tables instead of 80 columns
