@@ -35,9 +35,10 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from citadel.agent.keys import build_csr
 from citadel.ca._proto import ca_pb2, ca_pb2_grpc
 from citadel.ca.authority import init_authority
 from citadel.ca.issuance import Issuer
@@ -58,13 +59,8 @@ def rate(fn, seconds: float) -> float:
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey) -> str:
-    return (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
-        .decode()
-    )
+    """What an agent sends (empty subject, SHA-256), minus the URI SAN: the CA sets it."""
+    return build_csr(key=key, spiffe_id=None).decode()
 
 
 def baselines(state: Path, tokens: list[str], csrs: list[str], seconds: float) -> dict:
