@@ -22,6 +22,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from authz.engine import Engine
     from authz.policytests import TestReport
     from authz.replay import ReplayReport
     from citadel.errors import PolicyError
@@ -49,6 +50,18 @@ def _invalid(console: Console, what: str, exc: PolicyError, as_json: bool) -> ty
     else:
         console.print(f"[red]error:[/] {what}: {escape(_where(exc) + exc.message)}")
     return typer.Exit(2)
+
+
+def _engine(console: Console, policy_dir: Path, what: str, as_json: bool) -> Engine:
+    """The directory's policy built (its own tests not run); exit 2 when it is invalid."""
+    from authz.reload import load_candidate
+    from citadel.errors import PolicyError
+
+    try:
+        _, engine = load_candidate(policy_dir, run_tests=False)
+    except PolicyError as exc:
+        raise _invalid(console, what, exc, as_json) from None
+    return engine
 
 
 def _print_tests(console: Console, report: TestReport, verbose: bool) -> None:
@@ -102,14 +115,10 @@ def test_command(
     from rich.console import Console
 
     from authz.policytests import load_cases, run_cases
-    from authz.reload import load_candidate
     from citadel.errors import PolicyError
 
     console = Console()
-    try:
-        _, engine = load_candidate(policy_dir, run_tests=False)
-    except PolicyError as exc:
-        raise _invalid(console, "policy is invalid", exc, as_json) from None
+    engine = _engine(console, policy_dir, "policy is invalid", as_json)
     try:
         cases = load_cases(policy_dir)
         report = run_cases(engine, cases)
@@ -173,15 +182,10 @@ def replay_command(
     from rich.console import Console
     from rich.markup import escape
 
-    from authz.reload import load_candidate
     from authz.replay import replay_files
-    from citadel.errors import PolicyError
 
     console = Console()
-    try:
-        _, engine = load_candidate(candidate, run_tests=False)
-    except PolicyError as exc:
-        raise _invalid(console, "candidate policy is invalid", exc, as_json) from None
+    engine = _engine(console, candidate, "candidate policy is invalid", as_json)
     try:
         report = replay_files(engine, audit_log)
     except OSError as exc:
