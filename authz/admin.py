@@ -142,8 +142,10 @@ def _build_api(
 
     @api.get("/readyz", summary="Readiness: a policy is loaded and the server is serving.")
     async def readyz() -> Response:
-        if state.engine is None or not ready():
-            return problem(503, "not ready: no policy loaded or shutting down")
+        if state.engine is None:
+            return problem(503, "not ready: no policy loaded")
+        if not ready():
+            return problem(503, "not ready: shutting down, or the audit log cannot be written")
         return JSONResponse({"status": "ready", "revision": state.revision})
 
     @api.get("/metrics", summary="Prometheus metrics.")

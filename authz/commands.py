@@ -69,6 +69,13 @@ def serve(
         str, typer.Option(help="Admin HTTP listener HOST:PORT (health, metrics, explain).")
     ] = "127.0.0.1:9192",
     audit_log: Annotated[str, typer.Option(help="Audit file, or - for stdout.")] = "-",
+    audit_signing_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--audit-signing-key",
+            help="Ed25519/EC key (citadel audit keygen) signing periodic audit checkpoints.",
+        ),
+    ] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Server key (PEM).")] = None,
     client_ca: Annotated[
@@ -122,6 +129,7 @@ def serve(
         listen=listen,
         admin_listen=admin_listen,
         audit_log=audit_log,
+        audit_signing_key=audit_signing_key,
         tls_cert=tls_cert,
         tls_key=tls_key,
         client_ca=client_ca,

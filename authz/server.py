@@ -57,6 +57,8 @@ class AuthzConfig:
     admin_listen: str | None = "127.0.0.1:9192"
     #: "-" is stdout; None too. Ignored when an AuditLog is passed to start_authz.
     audit_log: str | None = "-"
+    #: Key (``citadel audit keygen``) signing periodic checkpoints and the closing record.
+    audit_signing_key: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     client_ca: Path | None = None
@@ -232,7 +234,12 @@ async def start_authz(
     owns_audit = audit is None
     if audit is None:
         try:
-            audit = open_audit_log(config.audit_log, name="authz", clock=clock)
+            audit = open_audit_log(
+                config.audit_log,
+                name="authz",
+                clock=clock,
+                signing_key=config.audit_signing_key,
+            )
         except (OSError, AuditError) as exc:  # e.g. a full disk refuses the header record
             raise ConfigError(f"cannot open audit log {config.audit_log}: {exc}") from exc
     cleanup: list[Callable[[], object]] = [audit.close] if owns_audit else []

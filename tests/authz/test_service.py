@@ -16,6 +16,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from envoy.service.auth.v3 import attribute_context_pb2 as ac
 from envoy.service.auth.v3 import external_auth_pb2 as ea
@@ -463,8 +465,12 @@ def _serve_cmd(policy_dir: Path, audit: Path, port: int, admin: int) -> list[str
 def test_cli_serve_drains_on_sigterm(tmp_path: Path) -> None:
     """In-flight checks finish and are on record; late ones are refused, never lost."""
     port, admin, audit = free_port(), free_port(), tmp_path / "audit.log"
-    proc = subprocess.Popen(_serve_cmd(POLICIES, audit, port, admin),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    key = Ed25519PrivateKey.generate()
+    key_file = tmp_path / "audit-key.pem"
+    key_file.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    key_file.chmod(0o600)
+    cmd = [*_serve_cmd(POLICIES, audit, port, admin), "--audit-signing-key", str(key_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             grpc.channel_ready_future(ch).result(timeout=30)
@@ -484,7 +490,8 @@ def test_cli_serve_drains_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert verify_files([audit]).ok
+    # Every stream closed with a checkpoint signed by the operator's key.
+    assert verify_files([audit], public_key=key.public_key(), require_closed=True).ok
     n = sum(1 for r in read_records([audit]) if r.get("kind") == "authz.decision")
     assert n == ok
 
