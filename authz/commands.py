@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from authz.lifecycle_commands import register as register_lifecycle_commands
+from citadel.commands.options import AuditSigningKey
 
 if TYPE_CHECKING:
     from authz.server import AuthzConfig, RunningAuthz
@@ -69,13 +70,7 @@ def serve(
         str, typer.Option(help="Admin HTTP listener HOST:PORT (health, metrics, explain).")
     ] = "127.0.0.1:9192",
     audit_log: Annotated[str, typer.Option(help="Audit file, or - for stdout.")] = "-",
-    audit_signing_key: Annotated[
-        Path | None,
-        typer.Option(
-            "--audit-signing-key",
-            help="Ed25519/EC key (citadel audit keygen) signing periodic audit checkpoints.",
-        ),
-    ] = None,
+    audit_signing_key: AuditSigningKey = None,
     tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Server key (PEM).")] = None,
     client_ca: Annotated[

@@ -45,6 +45,7 @@ __all__ = [
     "PrivateKey",
     "cacerts_dir",
     "check_key_file_mode",
+    "end_entity_key_usage",
     "generate_key",
     "init_authority",
     "key_type_of",
@@ -204,7 +205,10 @@ class Authority:
             .not_valid_before(now - timedelta(minutes=1))
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_ee_key_usage(key), critical=True)
+            .add_extension(
+                end_entity_key_usage(rsa_key=isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey)),
+                critical=True,
+            )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(
@@ -215,12 +219,13 @@ class Authority:
         return builder.sign(self.key, self.hash_algorithm)
 
 
-def _ee_key_usage(key: object) -> x509.KeyUsage:
-    is_rsa = isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey)
+def end_entity_key_usage(*, rsa_key: bool) -> x509.KeyUsage:
+    """Key usage of every leaf citadel signs (SVIDs and its own serving certificate):
+    digitalSignature, plus keyEncipherment only for RSA keys (SPIFFE X509-SVID, Istio)."""
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
-        key_encipherment=is_rsa,
+        key_encipherment=rsa_key,
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=False,

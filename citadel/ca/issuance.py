@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from citadel.ca.authority import Authority, key_type_of
+from citadel.ca.authority import Authority, end_entity_key_usage, key_type_of
 from citadel.ca.tokens import Caller
 from citadel.errors import AuthorityError, InvalidRequest, InvalidSpiffeId, PermissionDenied
 from citadel.spiffe import SpiffeId
@@ -80,22 +80,8 @@ class IssuedCertificate:
         return self.chain_pem[0]
 
 
-def _ku(*, rsa_key: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=rsa_key,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-_KU_EC: Final = _ku(rsa_key=False)
-_KU_RSA: Final = _ku(rsa_key=True)
+_KU_EC: Final = end_entity_key_usage(rsa_key=False)
+_KU_RSA: Final = end_entity_key_usage(rsa_key=True)
 _EKU: Final = x509.ExtendedKeyUsage(
     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
 )

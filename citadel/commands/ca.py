@@ -31,6 +31,7 @@ from citadel.ca.limits import (
 from citadel.ca.server import DEFAULT_DNS_NAMES, DEFAULT_LISTEN, CAConfig, RunningCA, serve_ca
 from citadel.ca.service import AccessLists
 from citadel.ca.tokens import DEFAULT_AUDIENCE, TokenAuthenticator
+from citadel.commands.options import AuditSigningKey
 from citadel.durations import format_duration, parse_duration
 from citadel.errors import AuthorityError, CitadelError, ConfigError
 from citadel.logs import configure_logging
@@ -275,13 +276,7 @@ def serve(
     audit_log: Annotated[
         str, typer.Option("--audit-log", help="Audit JSON lines: a FILE, or - for stdout.")
     ] = "-",
-    audit_signing_key: Annotated[
-        Path | None,
-        typer.Option(
-            "--audit-signing-key",
-            help="Ed25519/EC key (citadel audit keygen) signing periodic audit checkpoints.",
-        ),
-    ] = None,
+    audit_signing_key: AuditSigningKey = None,
     insecure_plaintext: Annotated[
         bool, typer.Option("--insecure-plaintext", help="Serve without TLS (never in production).")
     ] = False,

@@ -1,0 +1,18 @@
+"""Options that several serve commands share, defined once so they mean the same everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["AuditSigningKey"]
+
+AuditSigningKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--audit-signing-key",
+        help="Ed25519/EC key (citadel audit keygen) signing periodic audit checkpoints.",
+    ),
+]
