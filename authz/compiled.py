@@ -564,6 +564,19 @@ class CompiledEngine:
                         queue.append(role)
         return res
 
+    def hot_keys(self, limit: int) -> list[tuple[str, str, str, str]]:
+        """The most recently cached request tuples, newest last (for warming a successor)."""
+        keys = list(self._cache)  # one C-level copy; safe beside concurrent decide()
+        return keys[-limit:] if limit > 0 else []
+
+    def warm(self, keys: Iterable[tuple[str, str, str, str]]) -> int:
+        """Decide ``keys`` now so the first live requests after a swap hit the cache."""
+        n = 0
+        for key in keys:
+            self.decide(*key)
+            n += 1
+        return n
+
     def cache_info(self) -> dict[str, int]:
         return {"size": len(self._cache), "max": self._cache_size}
 

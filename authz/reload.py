@@ -134,6 +134,22 @@ def load_candidate(policy_dir: str | Path, *, run_tests: bool = True) -> tuple[P
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def warm_successor(old: Engine, new: Engine, *, limit: int) -> int:
+    """Decide the old engine's most recent requests on the new one before the swap, so the
+    traffic that was hot keeps hitting a cache (a cold cache raised decide() p99 about ten
+    times during reloads). Best effort: engines without a cache are left as they are, and a
+    failure here never blocks the reload (the new engine was already validated)."""
+    hot = getattr(old, "hot_keys", None)
+    warm = getattr(new, "warm", None)
+    if hot is None or warm is None or limit <= 0:
+        return 0
+    try:
+        return int(warm(hot(limit)))
+    except Exception:  # a request the new policy cannot decide is decided live (and denied)
+        log.warning("cache warm-up skipped", exc_info=True)
+        return 0
+
+
 def _load_from(real: Path, *, source: str, run_tests: bool) -> tuple[Policy, Engine]:
     try:
         loaded = load_engine(real)  # read, validate, build (and rule counts for /v1/policy)
@@ -251,6 +267,7 @@ class Reloader:
         watch: bool = True,
         run_tests: bool = True,
         gc_freeze: bool = True,
+        warm_keys: int = 2048,
         on_swap: Callable[[ReloadOutcome], None] | None = None,
         on_failure: Callable[[ReloadOutcome], None] | None = None,
         name: str = "policy",
@@ -266,6 +283,9 @@ class Reloader:
         #: permanent generation so later full collections do not rescan a large engine.
         #: Engines are acyclic (freed by refcount when dropped), so nothing of theirs leaks.
         self.gc_freeze = gc_freeze
+        #: How many of the serving engine's most recent requests the new engine decides
+        #: before the swap (0: none), so a reload does not start from a cold cache.
+        self.warm_keys = warm_keys
         self.on_swap = on_swap
         self.on_failure = on_failure
         self.name = name
@@ -321,6 +341,8 @@ class Reloader:
                 duration = time.perf_counter() - t0
                 changed = engine.revision != serving
                 if changed:
+                    warm_successor(self.state.engine, engine, limit=self.warm_keys)
+                    duration = time.perf_counter() - t0
                     self.state.swap(engine, duration_s=duration, rules=len(policy.rows))
                 del engine  # the state holds it; the old one was freed by the swap
                 if changed and self.gc_freeze:
