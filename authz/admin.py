@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from authz.decisions import DecisionPipeline, explain_request
-from authz.loading import counts_for, reload_state
+from authz.loading import counts_for
 from authz.metrics import AuthzMetrics
 from authz.request import ANONYMOUS, Refused, principal_from_xfcc, trace_id_from
 from authz.service import DECISION_HEADER
@@ -120,6 +120,11 @@ def _build_api(
         f"ext_authz service. Envoy's HTTP ext_authz variant is served under `{http_prefix}`.",
         version="1",
     )
+    if reload is None:
+        from authz.reload import Reloader
+
+        reload = Reloader(state, state.source, watch=False).reload_now
+    reload_now = reload
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -166,8 +171,9 @@ def _build_api(
 
     @api.post("/v1/reload", summary="Reload the policy directory now; last good wins.")
     async def post_reload() -> Response:
-        # The server's Reloader when there is one: serialised with the watcher, tests gate.
-        outcome = await asyncio.to_thread(reload or (lambda: reload_state(state)))
+        # The server's Reloader (serialised with its watcher); else one of our own, so an
+        # explicit reload always passes the same gate (validation + policy tests).
+        outcome = await asyncio.to_thread(reload_now)
         body = outcome.as_dict()
         if outcome.ok:
             return JSONResponse(body)

@@ -1,8 +1,8 @@
-"""Load a policy directory into a serving engine: read -> validate -> build, never half.
+"""Load a policy directory into an engine: read -> validate -> build, never half.
 
-Used at start-up (``initial_state``: a bad policy stops the server) and by reloads
-(``reload_state``: a bad policy is recorded and the last good keeps serving). The
-directory watcher and ``POST /v1/reload`` call ``reload_state``; nothing else swaps.
+``authz.reload`` builds on this (adding the directory's policy tests, the one-generation
+read of a ConfigMap and the swap); start-up, the watcher and ``POST /v1/reload`` all go
+through it, so every path into serving passes the same gate.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from pathlib import Path
 
 from authz.engine import Engine, build_engine
 from authz.policy import Policy, load_policy_dir, rule_counts
-from authz.state import LoadOutcome, PolicyState
 from citadel.errors import PolicyError
 
-__all__ = ["LoadedPolicy", "counts_for", "initial_state", "load_engine", "reload_state"]
+__all__ = ["LoadedPolicy", "counts_for", "load_engine"]
 
 # Rule counts by ptype for recent revisions. A revision is a content hash, so this memo
 # is a pure function of its key and safe to share between states in one process.
@@ -59,26 +58,3 @@ def load_engine(
         raise PolicyError(f"engine could not be built: {type(exc).__name__}: {exc}") from exc
     _remember_counts(policy)
     return LoadedPolicy(policy=policy, engine=engine, duration_s=perf_counter() - started)
-
-
-def initial_state(
-    directory: str | Path, *, clock: Callable[[], float] = time.time, history_size: int = 20
-) -> PolicyState:
-    """The state to serve from at start-up; raises ``PolicyError`` (fail closed)."""
-    loaded = load_engine(directory)
-    return PolicyState(loaded.engine, source=str(directory), clock=clock, history_size=history_size)
-
-
-def reload_state(state: PolicyState, directory: str | Path | None = None) -> LoadOutcome:
-    """Load ``directory`` (default: the state's source) and swap it in only if it is good.
-
-    Never raises for a bad policy: the failure is recorded on the state (``last_error``,
-    history, counters) and the previous engine keeps deciding.
-    """
-    started = time.perf_counter()
-    try:
-        loaded = load_engine(directory if directory is not None else state.source)
-    except PolicyError as exc:
-        return state.record_failure(exc, duration_s=time.perf_counter() - started)
-    state.swap(loaded.engine, duration_s=loaded.duration_s, rules=len(loaded.policy.rows))
-    return state.history[-1]
