@@ -89,6 +89,9 @@ class CAConfig:
     clock: Callable[[], float] = time.time
     #: An already validated authority (skips loading ``cacerts_dir``).
     authority: Authority | None = None
+    #: Share the port with sibling processes (``ca serve --workers N``). Off by default so a
+    #: port another server holds is refused instead of silently shared.
+    reuse_port: bool = False
 
 
 @dataclass
@@ -225,7 +228,7 @@ async def start_ca(config: CAConfig) -> RunningCA:
         # first; this only bounds what a flood can queue in gRPC itself.
         maximum_concurrent_rpcs=backstop_rpcs(config.limits.max_in_flight),
         options=[
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if config.reuse_port else 0),
             ("grpc.max_receive_message_length", config.max_receive_bytes),
             ("grpc.max_send_message_length", 1024 * 1024),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
+import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from cryptography.hazmat.primitives import hashes
@@ -28,7 +30,14 @@ from citadel.ca.limits import (
     DEFAULT_RATE,
     Limits,
 )
-from citadel.ca.server import DEFAULT_DNS_NAMES, DEFAULT_LISTEN, CAConfig, RunningCA, serve_ca
+from citadel.ca.server import (
+    DEFAULT_DNS_NAMES,
+    DEFAULT_LISTEN,
+    CAConfig,
+    RunningCA,
+    parse_listen,
+    serve_ca,
+)
 from citadel.ca.service import AccessLists
 from citadel.ca.tokens import DEFAULT_AUDIENCE, TokenAuthenticator
 from citadel.commands.options import AuditSigningKey
@@ -105,6 +114,39 @@ def _passphrase(file: Path | None, env: str | None) -> bytes | None:
             raise ConfigError("the variable named by --key-passphrase-env is unset or empty")
         return text.encode()
     return None
+
+
+#: Set only inside a ``--workers`` child process (each is a fresh spawned interpreter):
+#: tells the supervisor this worker serves, and turns SO_REUSEPORT on for it.
+_worker_ready: Callable[[], None] | None = None
+
+
+def _ca_worker(params: dict[str, Any], ready: Callable[[], None]) -> None:
+    """One ``--workers`` process: the ordinary single-process ``serve``, port shared."""
+    global _worker_ready
+    _worker_ready = ready
+    try:
+        serve(**params, workers=1)
+    except typer.Exit as exc:  # its error is already printed; the supervisor reports the code
+        sys.exit(exc.exit_code)
+
+
+def _supervise(params: dict[str, Any], workers: int) -> int:
+    """Run ``workers`` CA processes on one port; the exit code of the set."""
+    from citadel.workers import run_workers
+
+    console = Console(stderr=True)
+    configure_logging(level=params["log_level"])
+    try:
+        host, port = parse_listen(params["listen"])
+        if params["bundle_listen"] is not None:
+            raise ConfigError("--bundle-listen cannot be combined with --workers yet")
+        return run_workers(
+            _ca_worker, [(params,)] * workers, host=host, port=port, grace_s=5.0,
+            name="ca-worker",
+        )  # fmt: skip
+    except CitadelError as exc:
+        raise _err(console, exc.message, 2) from None
 
 
 def _err(console: Console, message: str, code: int = 1) -> typer.Exit:
@@ -333,9 +375,22 @@ def serve(
     key_passphrase_env: PassphraseEnv = None,
     allow_group_readable_key: AllowGroupReadable = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Processes sharing the port (SO_REUSEPORT), each loading the authority and "
+            "keeping its own audit stream and rate limiter: limits are per worker, so the "
+            "effective global rate is N x --rate-limit.",
+        ),
+    ] = 1,
 ) -> None:
     """Serve istio.v1.auth.IstioCertificateService/CreateCertificate (TLS by default),
     plus gRPC health and reflection. SIGTERM/SIGINT drain in-flight calls and exit 0."""
+    if workers > 1:
+        params = {k: v for k, v in locals().items() if k != "workers"}
+        raise typer.Exit(_supervise(params, workers))
     console = Console(stderr=True)
     configure_logging(level=log_level)
     durations = {
@@ -412,9 +467,12 @@ def serve(
         ),
         authority=authority,
         limits=limits,
+        reuse_port=_worker_ready is not None,
     )
 
     def ready(running: RunningCA) -> None:
+        if _worker_ready is not None:
+            _worker_ready()
         mode = "[yellow]PLAINTEXT[/]" if not running.tls else "TLS"
         console.print(
             f"[green]citadel CA[/] serving istio.v1.auth.IstioCertificateService on "
