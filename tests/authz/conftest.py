@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy.service.auth.v3 import attribute_context_pb2 as ac
+from envoy.service.auth.v3 import external_auth_pb2 as ea
 
 from authz.server import AuthzConfig, RunningAuthz, start_authz
 
@@ -97,3 +99,27 @@ def policy_copy(tmp: Path, extra: str = "") -> Path:
     shutil.copy(POLICIES / "model.conf", d / "model.conf")
     (d / "policy.csv").write_text((POLICIES / "policy.csv").read_text() + extra)
     return d
+
+
+def check_request(
+    *,
+    principal: str = "",
+    host: str = ORDERS_HOST,
+    method: str = "GET",
+    path: str = "/api/orders",
+    headers: dict[str, str] | None = None,
+    **attrs: object,
+) -> ea.CheckRequest:
+    """A CheckRequest shaped as Envoy's HTTP filter sends it; ``attrs`` add or override
+    AttributeContext fields (context_extensions, tls_session, ...)."""
+    return ea.CheckRequest(
+        attributes=ac.AttributeContext(
+            source=ac.AttributeContext.Peer(principal=principal),
+            request=ac.AttributeContext.Request(
+                http=ac.AttributeContext.HttpRequest(
+                    method=method, host=host, path=path, headers=headers or {}
+                )
+            ),
+            **attrs,
+        )
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -33,31 +34,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.service import DECISION_HEADER, SERVICE_NAME
 from citadel.audit import read_records, verify_files
-from tests.authz.conftest import FRONTEND, ORDERS_HOST, ServerThread
+from tests.authz.conftest import FRONTEND, ORDERS_HOST, ServerThread, check_request
 
 HTTP_CODE = {400: code_pb2.INVALID_ARGUMENT, 403: code_pb2.PERMISSION_DENIED}
 
 
-def req(
-    *,
-    principal: str = FRONTEND,
-    host: str = ORDERS_HOST,
-    method: str = "GET",
-    path: str = "/api/orders",
-    headers: dict[str, str] | None = None,
-    **attrs: object,
-) -> ea.CheckRequest:
-    return ea.CheckRequest(
-        attributes=ac.AttributeContext(
-            source=ac.AttributeContext.Peer(principal=principal),
-            request=ac.AttributeContext.Request(
-                http=ac.AttributeContext.HttpRequest(
-                    method=method, host=host, path=path, headers=headers or {}
-                )
-            ),
-            **attrs,
-        )
-    )
+def req(*, principal: str = FRONTEND, **kw: Any) -> ea.CheckRequest:
+    """A Check from the storefront unless told otherwise."""
+    return check_request(principal=principal, **kw)
 
 
 @pytest.fixture(scope="module")

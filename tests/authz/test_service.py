@@ -37,30 +37,11 @@ from tests.authz.conftest import (
     POLICIES,
     PROMETHEUS,
     ServerThread,
+    check_request,
     config_for,
     policy_copy,
 )
 from tests.conftest import free_port
-
-
-def check_request(
-    *,
-    principal: str = "",
-    host: str = ORDERS_HOST,
-    method: str = "GET",
-    path: str = "/api/orders",
-    headers: dict[str, str] | None = None,
-) -> ea.CheckRequest:
-    return ea.CheckRequest(
-        attributes=ac.AttributeContext(
-            source=ac.AttributeContext.Peer(principal=principal),
-            request=ac.AttributeContext.Request(
-                http=ac.AttributeContext.HttpRequest(
-                    method=method, host=host, path=path, headers=headers or {}
-                )
-            ),
-        )
-    )
 
 
 @pytest.fixture(scope="module")
