@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from citadel.ca.authority import cacerts_dir, init_authority
-from citadel.dev import dev_issuer_dir, init_dev_issuer
+from citadel.dev import init_dev_issuer
 from tests.conftest import free_port
 from tests.deploy.manifests import one, pod_spec
+from tests.e2e.conftest import ca_serve_cmd
 
 
 def _probe_script(root_cert: Path, port: int) -> str:
@@ -40,25 +41,9 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Po
     init_dev_issuer(state)
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "citadel.cli",
-            "ca",
-            "serve",
-            "--state-dir",
-            str(state),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--token-auth",
-            "jwks",
-            "--jwks-file",
-            str(dev_issuer_dir(state) / "jwks.json"),
-            "--dns-name",
-            "localhost",
-            "--audit-log",
-            str(state / "audit.log"),
-        ],
+        ca_serve_cmd(
+            state, port, "--dns-name", "localhost", "--audit-log", str(state / "audit.log")
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

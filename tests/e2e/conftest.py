@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from citadel.ca.jwks import JwksAuthenticator
 from citadel.ca.server import CAConfig, RunningCA, start_ca
 from citadel.dev import DevIssuer, init_dev_issuer, load_dev_issuer, mint_token
 
-__all__ = ["CAHandle", "LoopThread", "make_ca_state", "running_ca"]
+__all__ = ["CAHandle", "LoopThread", "ca_serve_cmd", "make_ca_state", "running_ca"]
 
 TRUST_DOMAIN = "cluster.local"
 
@@ -141,3 +142,16 @@ def ca_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ca_server(ca_state: Path) -> Iterator[CAHandle]:
     with running_ca(ca_state) as handle:
         yield handle
+
+
+def ca_serve_cmd(state_dir: Path, port: int, *extra: str) -> list[str]:
+    """``citadel ca serve`` on loopback with the state dir's dev issuer (JWKS auth), as a
+    subprocess argv; ``extra`` adds flags (audit log, DNS names, ...)."""
+    return [
+        sys.executable, "-m", "citadel.cli", "ca", "serve",
+        "--state-dir", str(state_dir),
+        "--listen", f"127.0.0.1:{port}",
+        "--token-auth", "jwks",
+        "--jwks-file", str(state_dir / "dev-issuer" / "jwks.json"),
+        *extra,
+    ]  # fmt: skip

@@ -43,7 +43,7 @@ from citadel.ca._proto import ca_pb2
 from citadel.ca.service import AccessLists
 from citadel.spiffe import SpiffeId
 from tests.conftest import free_port
-from tests.e2e.conftest import CAHandle, running_ca
+from tests.e2e.conftest import CAHandle, ca_serve_cmd, running_ca
 
 WEB = "spiffe://cluster.local/ns/default/sa/web"
 P256 = ec.generate_private_key(ec.SECP256R1())
@@ -666,25 +666,9 @@ def test_cli_init_token_serve(tmp_path: Path) -> None:
     audit = tmp_path / "audit.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "citadel.cli",
-            "ca",
-            "serve",
-            "--state-dir",
-            str(state),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--token-auth",
-            "jwks",
-            "--jwks-file",
-            str(state / "dev-issuer" / "jwks.json"),
-            "--audit-log",
-            str(audit),
-            "--audit-signing-key",
-            str(signing_key),
-        ],
+        ca_serve_cmd(
+            state, port, "--audit-log", str(audit), "--audit-signing-key", str(signing_key)
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
