@@ -11,7 +11,15 @@ For generated policies of 1,000 and 10,000 rules (bench/policies.py), in one run
   the ratio to the baseline. Decisions take no lock a reload holds; what they share with
   the reloader is the interpreter (the GIL), which is what the worst case shows.
 
-    python bench/reload.py [--quick] [--threads 2] [--seconds 3]
+Then, at the Check level (issue 7 target 6): ``citadel authz serve`` with the 10,000-rule
+policy and audit on (to a file) runs as its own process; ``bench/loadgen.py`` offers 1,000
+rps open loop from another process; phases alternate between no reloads (the baseline)
+and the policy directory swapped the kubelet way every ``--swap-every`` seconds. Check
+p50/p99/max per phase, the ratio, and every reload's disk-to-serving time (from the
+server's own ``/v1/policy`` history, whose ``at`` is the swap's wall-clock time).
+
+    python bench/reload.py [--quick] [--threads 2] [--seconds 3] [--check-seconds 8]
+    python bench/reload.py --only check --variants default,no_warm   # experiments
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -224,6 +233,201 @@ def bench_size(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ------------------------------------------------------------------ Check level
+
+#: Reloader settings the in-process server (``--serve``) can run with, by name, so ideas
+#: are compared in one run against the same load. "cli" is the real ``citadel authz serve``.
+VARIANTS: dict[str, dict] = {
+    "cli": {},
+    "default": {},
+    "no_warm": {"warm_keys": 0},
+    "no_freeze": {"gc_freeze": False},
+}
+CHECK_RULES = 10000
+CHECK_RATE = 1000.0
+
+
+def serve_main(args: argparse.Namespace) -> None:
+    """The server under test, wired as ``citadel authz serve`` wires it, but with its
+    reloader built from a named variant's settings (what ``start_authz`` would build)."""
+    import asyncio
+    import signal
+
+    from authz.server import AuthzConfig, start_authz
+
+    configure_logging(level="info")
+    knobs = VARIANTS[args.serve]
+    config = AuthzConfig(
+        policy_dir=Path(args.policy_dir),
+        listen=args.listen,
+        admin_listen=args.admin_listen,
+        audit_log=args.audit_log,
+    )
+
+    async def run() -> None:
+        state = initial_state(config.policy_dir)
+        running = await start_authz(config, state=state)
+        reloader = Reloader(
+            state,
+            config.policy_dir,
+            debounce=config.reload_debounce_s,
+            poll_interval=config.reload_poll_s,
+            **knobs,
+        ).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await asyncio.to_thread(reloader.stop)
+        await running.stop()
+
+    asyncio.run(run())
+
+
+class Swapper(threading.Thread):
+    """Swaps the policy directory every ``every`` seconds until stopped; notes each time."""
+
+    def __init__(self, cm: ConfigMapDir, gen: policies.GeneratedPolicy, every: float, k0: int):
+        super().__init__(daemon=True)
+        self.cm, self.gen, self.every, self.k = cm, gen, every, k0
+        self.stop = threading.Event()
+        self.at: list[float] = []  # wall clock (the server's history uses time.time())
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.k += 1
+            self.cm.write({"model.conf": MODEL, "policy.csv": variant(self.gen, self.k)})
+            self.at.append(time.time())
+
+
+def policy_history(admin: str) -> list[dict]:
+    import httpx
+
+    return list(httpx.get(f"http://{admin}/v1/policy", timeout=10).json()["history"])
+
+
+def match_reloads(swaps: list[float], history: list[dict]) -> tuple[list[float], list[float]]:
+    """(disk-to-serving, build) seconds of each swap the server served (a swap that a
+    later one overtook inside the debounce window is skipped, as the kubelet's would be)."""
+    oks = sorted((h["at"], h.get("duration_s", 0.0)) for h in history if h.get("ok"))
+    total, build = [], []
+    for i, s in enumerate(swaps):
+        nxt = swaps[i + 1] if i + 1 < len(swaps) else float("inf")
+        hit = next(((at, d) for at, d in oks if s <= at < nxt + 5.0), None)
+        if hit is not None and hit[0] < nxt + 5.0:
+            total.append(hit[0] - s)
+            build.append(hit[1])
+    return total, build
+
+
+def check_phase(target: str, payloads: list[bytes], seconds: float, warmup: float) -> dict:
+    import loadgen
+
+    r = loadgen.run_load(
+        loadgen.LoadSpec(
+            target=target,
+            payloads=payloads,
+            rate=CHECK_RATE,
+            concurrency=64,
+            duration=seconds,
+            warmup=warmup,
+        )
+    )
+    keep = ("achieved_rps", "requests", "errors", "dropped", "p50_ms", "p99_ms", "max_ms")
+    return {k: r.as_dict()[k] for k in keep}
+
+
+def check_variant(name: str, args: argparse.Namespace, work: Path) -> dict:
+    import loadgen
+    from check_service import citadel_cmd, payloads_for
+
+    gen = policies.generate(CHECK_RULES)
+    cm = ConfigMapDir(work / f"policy-{name}")
+    cm.write({"model.conf": MODEL, "policy.csv": gen.csv})
+    payloads = payloads_for(gen, args.requests)
+    port, admin_port = loadgen.free_port(), loadgen.free_port()
+    target, admin = f"127.0.0.1:{port}", f"127.0.0.1:{admin_port}"
+    common = ["--policy-dir", str(cm.root), "--listen", target, "--admin-listen", admin,
+              "--audit-log", str(work / f"audit-{name}.jsonl")]  # fmt: skip
+    if name == "cli":
+        argv = [*citadel_cmd(), "authz", "serve", *common]
+    else:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--serve", name, *common]
+    phases: list[dict] = []
+    with loadgen.ServerProcess(argv, name=f"reload-{name}", log_dir=work) as server:
+        loadgen.wait_for_check(target, payloads[0], timeout=120)
+        k = 0
+        for i in range(args.rounds * 2):
+            reloads = i % 2 == 1
+            swapper = Swapper(cm, gen, args.swap_every, k) if reloads else None
+            if swapper:
+                swapper.start()
+            phase = check_phase(target, payloads, args.check_seconds, args.warmup)
+            if swapper:
+                swapper.stop.set()
+                swapper.join()
+                k = swapper.k
+                time.sleep(1.5)  # let the last swap land before asking
+                total, build = match_reloads(swapper.at, policy_history(admin))
+                phase |= {
+                    "swaps": len(swapper.at),
+                    "reloads_seen": len(total),
+                    "reload_s": [round(x, 3) for x in total],
+                    "build_s": [round(x, 3) for x in build],
+                }
+            phase["reloading"] = reloads
+            phases.append(phase)
+        server.check_alive()
+    base = [p for p in phases if not p["reloading"]]
+    during = [p for p in phases if p["reloading"]]
+    reload_s = [x for p in during for x in p["reload_s"]]
+
+    def mean(key: str, ps: list[dict]) -> float:
+        return round(statistics.fmean(p[key] for p in ps), 3)
+
+    out = {
+        "variant": name,
+        "settings": VARIANTS[name],
+        "p50_ms": {"baseline": mean("p50_ms", base), "during_reloads": mean("p50_ms", during)},
+        "p99_ms": {"baseline": mean("p99_ms", base), "during_reloads": mean("p99_ms", during)},
+        "max_ms": {
+            "baseline": max(p["max_ms"] for p in base),
+            "during_reloads": max(p["max_ms"] for p in during),
+        },
+        "reload_s": {
+            "n": len(reload_s),
+            "median": round(statistics.median(reload_s), 3) if reload_s else None,
+            "max": round(max(reload_s), 3) if reload_s else None,
+        },
+        "phases": phases,
+    }
+    out["ratio_p99"] = round(out["p99_ms"]["during_reloads"] / out["p99_ms"]["baseline"], 2)
+    print(
+        f"  {name}: p99 {out['p99_ms']['baseline']} -> {out['p99_ms']['during_reloads']} ms "
+        f"(x{out['ratio_p99']}), reload {out['reload_s']}",
+        file=sys.stderr,
+    )
+    return out
+
+
+def check_level(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="citadel-bench-reload-"))
+    try:
+        results = [check_variant(v, args, work) for v in args.variants]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "rules": CHECK_RULES,
+        "offered_rps": CHECK_RATE,
+        "swap_every_s": args.swap_every,
+        "phase_s": args.check_seconds,
+        "rounds": args.rounds,
+        "audit": "on, to a file",
+        "variants": results,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter phases, fewer reloads")
@@ -232,29 +436,67 @@ def main() -> None:
     ap.add_argument(
         "--no-gc-freeze", action="store_true", help="reloader without gc.freeze() after swaps"
     )
+    ap.add_argument("--only", choices=("decide", "check"), help="one half of the bench")
+    ap.add_argument("--variants", type=lambda s: s.split(","), default=["cli"])
+    ap.add_argument("--check-seconds", type=float, default=8.0, help="Check phase length")
+    ap.add_argument("--rounds", type=int, default=2, help="baseline+reload phase pairs")
+    ap.add_argument("--swap-every", type=float, default=1.5)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--requests", type=int, default=2000, help="distinct Check requests")
+    # internal: run the server under test in this process (see serve_main)
+    ap.add_argument("--serve", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    ap.add_argument("--policy-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--listen", help=argparse.SUPPRESS)
+    ap.add_argument("--admin-listen", help=argparse.SUPPRESS)
+    ap.add_argument("--audit-log", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve:
+        serve_main(args)
+        return
     configure_logging(level="warning")  # stdout carries only the JSON
-    seconds = 1.5 if args.quick else args.seconds
-    sizes = [(1000, 3 if args.quick else 6), (10000, 2 if args.quick else 3)]
-    results = [
-        bench_size(
-            n, threads=args.threads, seconds=seconds, reloads=r, gc_freeze=not args.no_gc_freeze
-        )
-        for n, r in sizes
-    ]
-    print(
-        json.dumps(
-            {
-                "bench": "reload",
-                "cpu_count": os.cpu_count(),
-                "python": platform.python_version(),
-                "decision_threads": args.threads,
-                "gc_freeze": not args.no_gc_freeze,
-                "sizes": results,
+    if args.quick:
+        args.check_seconds, args.rounds = 4.0, 1
+    out: dict = {
+        "bench": "reload",
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    if args.only != "check":
+        seconds = 1.5 if args.quick else args.seconds
+        sizes = [(1000, 3 if args.quick else 6), (10000, 2 if args.quick else 3)]
+        out |= {
+            "decision_threads": args.threads,
+            "gc_freeze": not args.no_gc_freeze,
+            "sizes": [
+                bench_size(
+                    n,
+                    threads=args.threads,
+                    seconds=seconds,
+                    reloads=r,
+                    gc_freeze=not args.no_gc_freeze,
+                )
+                for n, r in sizes
+            ],
+        }
+    if args.only != "decide":
+        out["check_level"] = check_level(args)
+        first = out["check_level"]["variants"][0]
+        out["targets"] = {
+            "reload_s_10000_rules": {
+                "value": first["reload_s"]["max"],
+                "median": first["reload_s"]["median"],
+                "target": "<= 1",
+                "met": first["reload_s"]["max"] is not None and first["reload_s"]["max"] <= 1.0,
             },
-            indent=2,
-        )
-    )
+            "check_p99_ms_during_reloads": {
+                "value": first["p99_ms"]["during_reloads"],
+                "baseline_no_reloads": first["p99_ms"]["baseline"],
+                "ratio": first["ratio_p99"],
+                "target": "no rise (ratio <= 1.1, noise)",
+                "met": first["ratio_p99"] <= 1.1,
+            },
+        }
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
