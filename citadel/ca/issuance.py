@@ -7,7 +7,10 @@ silently trimmed, so a confused or malicious client learns exactly what was wron
 
 Every leaf is then verified by an independent validator (cryptography's Web PKI
 ``x509.verification``) before it leaves the process: a CA that can emit a bad certificate
-is worse than one that refuses.
+is worse than one that refuses. The whole chain is walked once at start; per leaf, the
+verifier is anchored at the signing certificate and the chain's validity window is checked
+explicitly, which proves what a per-leaf walk to the root proves for one ECDSA verification
+instead of two (``_needs_full_chain`` says why, and when the full walk is kept).
 
 Per-authority constants (issuer name, AKI, key-usage variants, verifier store) are built
 once in ``Issuer.__init__``; per-identity ones (the validated SPIFFE ID and its SAN
@@ -40,6 +43,7 @@ __all__ = [
     "DEFAULT_TTL",
     "MAX_CSR_BYTES",
     "MAX_TTL",
+    "SELF_CHECKS",
     "IssuedCertificate",
     "Issuer",
     "parse_csr",
@@ -80,6 +84,24 @@ class IssuedCertificate:
         return self.chain_pem[0]
 
 
+#: ``chain`` (default): the leaf is proven to chain to the root at issuance time, with one
+#: ECDSA verification per leaf (see ``_needs_full_chain``). ``full``: the verifier walks
+#: leaf -> root for every leaf (two or more verifications). ``issuer``: the leaf is
+#: verified against the signing certificate only, whatever the certificates above carry.
+SELF_CHECKS: Final = ("chain", "full", "issuer")
+#: Extensions of a certificate above the signing one that constrain nothing about a leaf
+#: (the verifier checks them against fixed inputs: depth, CA profile, the policy's EKU).
+_LEAF_INDEPENDENT: Final = frozenset(
+    {
+        x509.BasicConstraints.oid,
+        x509.KeyUsage.oid,
+        x509.SubjectKeyIdentifier.oid,
+        x509.AuthorityKeyIdentifier.oid,
+        x509.SubjectAlternativeName.oid,
+        x509.ExtendedKeyUsage.oid,
+    }
+)
+
 _KU_EC: Final = end_entity_key_usage(rsa_key=False)
 _KU_RSA: Final = end_entity_key_usage(rsa_key=True)
 _EKU: Final = x509.ExtendedKeyUsage(
@@ -87,6 +109,25 @@ _EKU: Final = x509.ExtendedKeyUsage(
 )
 _NOT_CA: Final = x509.BasicConstraints(ca=False, path_length=None)
 _EMPTY_NAME: Final = x509.Name([])
+
+
+def _needs_full_chain(upper: tuple[x509.Certificate, ...]) -> str | None:
+    """Why each leaf must be verified through the whole chain; ``None`` when it need not.
+
+    Verifying leaf -> signing cert -> ... -> root for every leaf repeats work whose result
+    cannot change between leaves: the signatures of the certificates above the leaf (the
+    same immutable objects, proven once in ``__init__``), their CA profile and depth. What
+    *can* change is (a) the time, covered per leaf by the chain's validity window in
+    ``_self_check``, and (b) constraints a CA certificate places on its descendants' names
+    (name constraints, policies). When any chain certificate carries an extension outside
+    ``_LEAF_INDEPENDENT``, every leaf is walked to the root as before.
+    """
+    for cert in upper:
+        for ext in cert.extensions:
+            if ext.oid not in _LEAF_INDEPENDENT:
+                name = cert.subject.rfc4514_string() or "a CA certificate"
+                return f"{name} carries extension {ext.oid.dotted_string}"
+    return None
 
 
 def parse_csr(
@@ -227,9 +268,8 @@ class Issuer:
         max_csr_bytes: int = MAX_CSR_BYTES,
         self_check: str = "chain",
     ) -> None:
-        """``self_check="chain"`` verifies every leaf up to the root (two signature checks);
-        ``"issuer"`` verifies the whole chain once here, then each leaf against the signing
-        certificate as anchor - the same leaf checks for one ECDSA verification less."""
+        """``self_check`` picks how each leaf is proven before it is returned (see
+        ``SELF_CHECKS``); every mode verifies the whole chain once here, at start."""
         if default_ttl <= timedelta(0) or max_ttl <= timedelta(0):
             raise AuthorityError("TTLs must be positive")
         if default_ttl > max_ttl:
@@ -249,15 +289,25 @@ class Issuer:
         self._hash = authority.hash_algorithm
         self._chain_tail = authority.chain_pem
         self._not_after = authority.not_after
-        if self_check not in ("chain", "issuer"):
-            raise AuthorityError("self_check must be 'chain' or 'issuer'")
+        if self_check not in SELF_CHECKS:
+            raise AuthorityError(f"self_check must be one of {', '.join(map(repr, SELF_CHECKS))}")
         self.self_check = self_check
         self._identities: dict[tuple[str, str], tuple[SpiffeId, x509.Extension[Any]]] = {}
+        chain = (authority.signing_cert, *authority.intermediates, authority.root)
+        #: Every chain certificate must be valid at the moment a leaf is issued.
+        self._window = (
+            max(c.not_valid_before_utc for c in chain),
+            min(c.not_valid_after_utc for c in chain),
+        )
         self._store = verification.Store([authority.root])
         self._untrusted = authority.untrusted_chain
         # Prove the whole bundle once, now: a broken layout fails at start, not per call.
         self._probe()
-        if self_check == "issuer":
+        #: Why the per-leaf check is not anchored at the signing certificate (None: it is).
+        self.full_chain_reason = _needs_full_chain(chain) if self_check == "chain" else None
+        if self_check == "full":
+            self.full_chain_reason = "requested"
+        if self.full_chain_reason is None:
             self._store = verification.Store([authority.signing_cert])
             self._untrusted = []
 
@@ -368,6 +418,12 @@ class Issuer:
         )
 
     def _self_check(self, leaf: x509.Certificate, spiffe_id: SpiffeId, now: datetime) -> None:
+        if not self._window[0] <= now <= self._window[1]:
+            raise AuthorityError(
+                "issued certificate failed self-verification: the CA chain is not valid at "
+                f"{now.isoformat()} (valid {self._window[0].isoformat()} to "
+                f"{self._window[1].isoformat()})"
+            )
         verifier = verification.PolicyBuilder().store(self._store).time(now).build_client_verifier()
         try:
             verified = verifier.verify(leaf, self._untrusted)

@@ -69,7 +69,8 @@ class CAConfig:
     default_ttl: timedelta = DEFAULT_TTL
     max_ttl: timedelta = MAX_TTL
     backdate: timedelta = DEFAULT_BACKDATE
-    #: "chain" (every leaf verified up to the root) or "issuer" (see ``Issuer``).
+    #: "chain" (every leaf proven to chain to the root), "full" (and walked to it per
+    #: leaf) or "issuer" (see ``issuance.SELF_CHECKS``).
     self_check: str = "chain"
     insecure_plaintext: bool = False
     #: SANs of the serving certificate; entries that parse as IPs become IP SANs.

@@ -278,7 +278,7 @@ def test_invalid_identity_refused(issuer: Issuer) -> None:
         issuer.issue(weird, make_csr())
 
 
-@pytest.mark.parametrize("mode", ["chain", "issuer"])
+@pytest.mark.parametrize("mode", ["chain", "full", "issuer"])
 def test_self_check_refuses_a_bad_leaf(authority: Authority, tmp_path: Path, mode: str) -> None:
     """An authority whose key does not match its certificate signs leaves that cannot
     verify; the self-check must catch it instead of handing them out."""
@@ -298,7 +298,7 @@ def test_issuer_anchored_self_check_issues_the_same_leaves(authority: Authority)
     out = iss.issue(CALLER, make_csr())
     out.certificate.verify_directly_issued_by(authority.signing_cert)
     assert str(out.spiffe_id) == WEB and out.chain_pem[1:] == authority.chain_pem
-    with pytest.raises(AuthorityError, match="'chain' or 'issuer'"):
+    with pytest.raises(AuthorityError, match="'chain', 'full', 'issuer'"):
         Issuer(authority, self_check="none")
 
 
@@ -307,3 +307,123 @@ def test_self_check_refuses_expired_window(authority: Authority) -> None:
     late = authority.not_after.timestamp() + 10
     with pytest.raises(AuthorityError):
         Issuer(authority, clock=lambda: late).issue(CALLER, make_csr())
+
+
+# ------------------------------------------------------------------ self-check equivalence
+
+
+def _ca_cert(
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    issuer_name: x509.Name | None,
+    valid: tuple[datetime, datetime],
+    extra: tuple[x509.ExtensionType, ...] = (),
+) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name or subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+    )
+    if issuer_name is not None:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+        b = b.add_extension(aki, critical=False)
+    for ext in extra:
+        b = b.add_extension(ext, critical=True)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _two_level(
+    root_valid: tuple[datetime, datetime],
+    signing_valid: tuple[datetime, datetime],
+    root_extra: tuple[x509.ExtensionType, ...] = (),
+) -> Authority:
+    from citadel.spiffe import TrustDomain
+
+    rk, ik = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("root", rk, rk, None, root_valid, root_extra)
+    signing = _ca_cert("signing", ik, rk, root.subject, signing_valid)
+    return Authority(
+        trust_domain=TrustDomain("cluster.local"), root=root, signing_cert=signing, key=ik
+    )
+
+
+def test_chain_self_check_matches_the_full_walk_at_every_time() -> None:
+    """The default check is anchored at the signing certificate (one ECDSA verification
+    per leaf) and must refuse exactly when walking every leaf to the root would: here the
+    root becomes valid an hour after the signing certificate, so at T-90min only the
+    root's validity can refuse (the anchored verifier alone would issue)."""
+    t = datetime.fromtimestamp(T0, UTC)
+    auth = _two_level(
+        (t - timedelta(hours=1), t + timedelta(days=5)),
+        (t - timedelta(hours=2), t + timedelta(days=10)),
+    )
+    now = [T0]
+    issuers = {
+        mode: Issuer(auth, clock=lambda: now[0], backdate=timedelta(0), self_check=mode)
+        for mode in ("chain", "full")
+    }
+    assert issuers["chain"].full_chain_reason is None
+    assert issuers["full"].full_chain_reason == "requested"
+    outcomes: dict[int, set[str]] = {}
+    for minutes in (-150, -90, -30, 0, 60 * 24 * 4):
+        now[0] = T0 + minutes * 60
+        for mode, iss in issuers.items():
+            try:
+                iss.issue(CALLER, make_csr())
+                outcome = "issued"
+            except AuthorityError:
+                outcome = "refused"
+            outcomes.setdefault(minutes, set()).add(outcome)
+            assert outcomes[minutes] == {outcome}, (minutes, mode)
+    assert outcomes == {
+        -150: {"refused"},
+        -90: {"refused"},
+        -30: {"issued"},
+        0: {"issued"},
+        60 * 24 * 4: {"issued"},
+    }
+
+
+def test_chain_self_check_walks_the_whole_chain_when_a_ca_constrains_names() -> None:
+    """Name constraints above the signing certificate depend on each leaf's SAN: then
+    every leaf is verified up to the root, as ``full`` does."""
+    t = datetime.fromtimestamp(T0, UTC)
+    nc = x509.NameConstraints(
+        permitted_subtrees=[x509.DNSName("example.com")], excluded_subtrees=None
+    )
+    auth = _two_level(
+        (t - timedelta(hours=1), t + timedelta(days=5)),
+        (t - timedelta(hours=1), t + timedelta(days=5)),
+        root_extra=(nc,),
+    )
+    iss = Issuer(auth, clock=clock)
+    assert iss.full_chain_reason is not None and "2.5.29.30" in iss.full_chain_reason
+    assert iss._untrusted  # the verifier gets the chain and is anchored at the root
+    out = iss.issue(CALLER, make_csr())
+    assert str(out.spiffe_id) == WEB
+
+
+def test_default_authority_is_checked_with_one_verification_per_leaf(
+    authority: Authority,
+) -> None:
+    iss = Issuer(authority, clock=clock)
+    assert iss.self_check == "chain" and iss.full_chain_reason is None
+    leaf = iss.issue(CALLER, make_csr()).certificate
+    # What the anchored check skips per leaf was proven once; a full walk still accepts.
+    from cryptography.x509 import verification
+
+    verification.PolicyBuilder().store(verification.Store([authority.root])).time(
+        datetime.fromtimestamp(T0, UTC)
+    ).build_client_verifier().verify(leaf, authority.untrusted_chain)
