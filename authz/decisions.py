@@ -216,7 +216,7 @@ class DecisionPipeline:
         fields["latency_us"] = latency_ns // 1000
         metrics = self._metrics
         try:
-            self._audit.record(AUDIT_KIND, fields)
+            self._audit.append(AUDIT_KIND, fields)
         except AuditError as exc:
             if self.audit_ok:
                 self.audit_ok = False

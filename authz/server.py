@@ -35,7 +35,7 @@ from authz.decisions import DecisionPipeline
 from authz.metrics import AuthzMetrics
 from authz.reload import Reloader, initial_state
 from authz.reload import register_metrics as register_reload_metrics
-from authz.service import SERVICE_NAME, AuthorizationServicer, generic_handler
+from authz.service import SERVICE_NAME, AuthorizationServicer, add_to_server
 from authz.shadow import ShadowEvaluator
 from authz.shadow import register_metrics as register_shadow_metrics
 from authz.state import PolicyState
@@ -274,7 +274,7 @@ async def start_authz(
         )
         metrics.registry.register(_AuditHealthCollector(pipeline))
         servicer = AuthorizationServicer(pipeline, min_deadline_s=config.min_deadline_s)
-        server.add_generic_rpc_handlers((generic_handler(servicer),))
+        add_to_server(servicer, server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(

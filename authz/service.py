@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -40,6 +41,7 @@ __all__ = [
     "SERVICE_NAME",
     "AuthorizationServicer",
     "Undecodable",
+    "add_to_server",
     "decode_check_request",
     "generic_handler",
 ]
@@ -77,7 +79,46 @@ def decode_check_request(data: bytes) -> _CheckRequest | Undecodable:
         return Undecodable(len(data), str(exc)[:200])
 
 
-def _allow_message(decision_id: str) -> _CheckResponse:
+class _Templates:
+    """Serialized responses that differ only in their decision id, built once per shape.
+
+    Building and serializing a CheckResponse costs more than the decision itself on the
+    hot path (~12 µs for a denial), yet an answer differs from the next of its kind only
+    in its decision id, and ids of one length give identical framing. So each shape (its
+    key: everything but the id) is built once with a sentinel id and kept as the bytes
+    around the id's places; an answer is those parts joined with the id. A template is
+    trusted only if rebuilding with a second sentinel reproduces the direct build
+    byte-for-byte; otherwise (and past ``limit`` shapes, e.g. reasons carrying numbers)
+    the response is built directly.
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self._parts: dict[tuple[Any, int], tuple[bytes, ...] | None] = {}
+        self._limit = limit
+
+    def render(self, key: Any, decision_id: str, build: Callable[[Any, str], bytes]) -> bytes:
+        n = len(decision_id)
+        parts = self._parts.get((key, n), False)
+        if parts is False:
+            if len(self._parts) >= self._limit:
+                return build(key, decision_id)
+            parts = self._parts[(key, n)] = self._split(key, build, n)
+        if parts is None or not decision_id.isascii():
+            return build(key, decision_id)
+        return decision_id.encode().join(parts)
+
+    @staticmethod
+    def _split(key: Any, build: Callable[[Any, str], bytes], n: int) -> tuple[bytes, ...] | None:
+        parts = tuple(build(key, "z" * n).split(b"z" * n))
+        if len(parts) < 2 or (b"y" * n).join(parts) != build(key, "y" * n):
+            return None
+        return parts
+
+
+_templates = _Templates()
+
+
+def _allow_message(_key: None, decision_id: str) -> bytes:
     return _CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=external_auth_pb2.OkHttpResponse(
@@ -88,67 +129,42 @@ def _allow_message(decision_id: str) -> _CheckResponse:
                 )
             ]
         ),
-    )
+    ).SerializeToString()
 
 
-class _AllowTemplates:
-    """Serialized allow responses, built once per decision-id length.
-
-    An allow differs from the next only in its decision id, and ids of one length give
-    identical framing, so the bytes are a cached prefix + id + suffix: building and
-    serializing the message costs more than the decision itself on the hot path.
-    """
-
-    def __init__(self) -> None:
-        self._parts: dict[int, tuple[bytes, bytes]] = {}
-
-    def __call__(self, decision_id: str) -> bytes:
-        raw = decision_id.encode("ascii")
-        parts = self._parts.get(len(raw))
-        if parts is None:
-            n = len(raw)
-            a = _allow_message("a" * n).SerializeToString()
-            b = _allow_message("b" * n).SerializeToString()
-            i = next(k for k in range(len(a)) if a[k] != b[k])  # where the id starts
-            parts = self._parts[n] = (a[:i], a[i + n :])
-        return parts[0] + raw + parts[1]
+def _allow_bytes(decision_id: str) -> bytes:
+    return _templates.render(None, decision_id, _allow_message)
 
 
-_allow_bytes = _AllowTemplates()
-
-
-def _deny(outcome: Outcome) -> bytes:
-    body = json.dumps(
-        {
-            "decision_id": outcome.decision_id,
-            "status": outcome.http_status,
-            "reason": outcome.reason,
-        }
-    )
-    code = _RPC_CODES.get(outcome.code)
-    if code is None:
-        bad_request = outcome.http_status == 400
-        code = code_pb2.INVALID_ARGUMENT if bad_request else code_pb2.PERMISSION_DENIED
+def _deny_message(key: tuple[int, int, str | None], decision_id: str) -> bytes:
+    code, http_status, reason = key
+    body = json.dumps({"decision_id": decision_id, "status": http_status, "reason": reason})
     return _CheckResponse(
-        status=status_pb2.Status(
-            code=code,
-            message=f"{outcome.reason} (decision {outcome.decision_id})",
-        ),
+        status=status_pb2.Status(code=code, message=f"{reason} (decision {decision_id})"),
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=outcome.http_status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
             headers=[
                 base_pb2.HeaderValueOption(
                     header=base_pb2.HeaderValue(key="content-type", value="application/json"),
                     append_action=_OVERWRITE,
                 ),
                 base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=DECISION_HEADER, value=outcome.decision_id),
+                    header=base_pb2.HeaderValue(key=DECISION_HEADER, value=decision_id),
                     append_action=_OVERWRITE,
                 ),
             ],
             body=body,
         ),
     ).SerializeToString()
+
+
+def _deny(outcome: Outcome) -> bytes:
+    code = _RPC_CODES.get(outcome.code)
+    if code is None:
+        bad_request = outcome.http_status == 400
+        code = code_pb2.INVALID_ARGUMENT if bad_request else code_pb2.PERMISSION_DENIED
+    key = (code, outcome.http_status, outcome.reason)
+    return _templates.render(key, outcome.decision_id, _deny_message)
 
 
 def _trace_headers(http: Any) -> dict[str, str]:
@@ -249,15 +265,28 @@ class AuthorizationServicer:
             return _deny(outcome)
 
 
+def _method_handlers(servicer: AuthorizationServicer) -> dict[str, grpc.RpcMethodHandler]:
+    return {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            servicer.Check,
+            request_deserializer=decode_check_request,
+            response_serializer=None,  # Check returns serialized bytes
+        )
+    }
+
+
 def generic_handler(servicer: AuthorizationServicer) -> grpc.GenericRpcHandler:
     """``Check`` registered with the tolerant decoder (see the module docstring)."""
-    return grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            "Check": grpc.unary_unary_rpc_method_handler(
-                servicer.Check,
-                request_deserializer=decode_check_request,
-                response_serializer=None,  # Check returns serialized bytes
-            )
-        },
-    )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, _method_handlers(servicer))
+
+
+def add_to_server(servicer: AuthorizationServicer, server: grpc.aio.Server) -> None:
+    """Register ``Check`` both ways, as grpc's own generated code does.
+
+    As a *registered* method grpc-core matches the path itself and skips the Python-level
+    generic-handler lookup (a ``HandlerCallDetails`` and a handler scan per call); the
+    generic handler stays for servers and clients that do not use registered methods.
+    """
+    handlers = _method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -365,12 +365,14 @@ class AuditLog:
             raise AuditError(
                 f"audit fields may not use reserved names {sorted(_RESERVED & set(fields))}"
             )
-        for value in fields.values():  # clip only when needed: copying costs more
-            if value.__class__ is str and len(value) > MAX_FIELD_CHARS:
-                fields = {k2: _clip(v2) for k2, v2 in fields.items()}
-                break
         try:
             encoded = _encode(fields)
+            # No value can be longer than the whole encoding, so the clip scan (a Python
+            # loop over every field) runs only for the rare record that might need it.
+            if len(encoded) > MAX_FIELD_CHARS and any(
+                v.__class__ is str and len(v) > MAX_FIELD_CHARS for v in fields.values()
+            ):
+                encoded = _encode({k2: _clip(v2) for k2, v2 in fields.items()})
         except (TypeError, ValueError) as exc:
             raise AuditError(f"audit record could not be encoded: {exc}") from exc
         if encoded[0] != "{":  # a Mapping that is not a dict and encoded otherwise
@@ -390,6 +392,17 @@ class AuditLog:
 
     def record(self, kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Write one record; raise ``AuditError`` if it could not be written."""
+        seq, digest = self._write(kind, fields)
+        rec: dict[str, Any] = {"seq": seq, "stream": self.stream_id, "kind": kind}
+        rec.update(fields)
+        rec["hash"] = digest
+        return rec
+
+    def append(self, kind: str, fields: Mapping[str, Any]) -> None:
+        """``record`` for hot paths that do not need the record back (one dict fewer)."""
+        self._write(kind, fields)
+
+    def _write(self, kind: str, fields: Mapping[str, Any]) -> tuple[int, str]:
         with self._lock:
             if self._closed:
                 self.write_failures += 1
@@ -397,8 +410,7 @@ class AuditLog:
             now = self._clock()
             seq = self._seq
             try:
-                body = self._body(kind, fields, now)
-                digest = self._emit(body.encode())
+                digest = self._emit(self._body(kind, fields, now).encode())
             except AuditError:
                 self.write_failures += 1
                 raise
@@ -409,10 +421,7 @@ class AuditLog:
                     self._interval and now - self._last_cp_at >= self._interval
                 ):
                     self._checkpoint_locked("audit.checkpoint", now)
-        rec: dict[str, Any] = {"seq": seq, "stream": self.stream_id, "kind": kind}
-        rec.update(fields)
-        rec["hash"] = digest
-        return rec
+        return seq, digest
 
     def _checkpoint_locked(self, kind: str, now: float) -> bool:
         """Write a (signed, if we have a key) checkpoint; failures are counted, not raised.
