@@ -137,3 +137,23 @@ def test_audit_verify_cli_exit_codes(tmp_path: Path) -> None:
     bad = subprocess.run([*cli, str(p)], capture_output=True, text=True)
     assert bad.returncode == 1
     assert "deleted" in bad.stderr
+
+
+@pytest.mark.parametrize("via", ["record", "append"])
+def test_oversized_values_are_clipped_and_the_chain_verifies(tmp_path: Path, via: str) -> None:
+    from citadel.audit import MAX_FIELD_CHARS
+
+    path = tmp_path / "audit.jsonl"
+    log = open_audit_log(str(path), name="t")
+    long_value, short_value = "a" * (MAX_FIELD_CHARS + 500), "b" * 40
+    getattr(log, via)("t.event", {"big": long_value, "small": short_value, "n": 3})
+    # A record whose whole encoding is long but whose values are each short: not clipped.
+    many = {f"f{i}": "c" * 100 for i in range(30)}
+    getattr(log, via)("t.event", many)
+    log.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    event, wide = records[1], records[2]
+    assert event["big"] == "a" * MAX_FIELD_CHARS + "...[500 more chars]"
+    assert event["small"] == short_value and event["n"] == 3
+    assert all(wide[f"f{i}"] == "c" * 100 for i in range(30))
+    assert verify_files([path]).ok
