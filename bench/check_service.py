@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ RULE_SIZES = (10, 1000, 10000)
 RATES = (500, 1000, 2000)
 TARGET_RATIO = 0.80
 TARGET_P99_MS = 2.0
+TARGET_RATE = 1000
 
 
 def count_lines(path: Path) -> int:
@@ -115,6 +117,61 @@ def load_series(target: str, payloads: list[bytes], args: argparse.Namespace, pg
     return runs
 
 
+def p99_trials(
+    work: Path, rules: int, payloads: list[bytes], probe: bytes, args: argparse.Namespace
+) -> dict:
+    """p99 at 1,000 rps, trivial and citadel alternating, both servers up the whole time.
+
+    One 4-second run per server swings by milliseconds on a shared 2-core machine (the
+    client's own event loop, other processes), so the p99 verdict is the median of
+    interleaved trials: whatever disturbs the machine during one trial hits its
+    neighbour trial of the other server too. ``service_p99_ms`` (send to answer, without
+    the client's lateness in sending) is reported beside it.
+    """
+    port_t, port_c, admin = loadgen.free_port(), loadgen.free_port(), loadgen.free_port()
+    targets = {"trivial": f"127.0.0.1:{port_t}", "citadel": f"127.0.0.1:{port_c}"}
+    argv_c = [
+        *citadel_cmd(), "authz", "serve",
+        "--policy-dir", str(work / f"rules{rules}"),
+        "--listen", targets["citadel"],
+        "--admin-listen", f"127.0.0.1:{admin}",
+        "--audit-log", str(work / "audit-trials.jsonl"),
+    ]  # fmt: skip
+    argv_t = [sys.executable, str(_HERE / "trivial_authz.py"), "--listen", targets["trivial"]]
+    out: dict = {"rate": TARGET_RATE, "rules": rules, "trials": args.trials}
+    runs: dict[str, list[dict]] = {"trivial": [], "citadel": []}
+    with (
+        loadgen.ServerProcess(argv_t, name="trivial-trials", log_dir=work),
+        loadgen.ServerProcess(argv_c, name="citadel-trials", log_dir=work) as citadel,
+    ):
+        for target in targets.values():
+            loadgen.wait_for_check(target, probe, timeout=120)
+        for trial in range(args.trials):
+            for name, target in targets.items():
+                r = loadgen.run_load(
+                    loadgen.LoadSpec(
+                        target=target, payloads=payloads, rate=float(TARGET_RATE),
+                        concurrency=64, duration=args.duration, warmup=args.warmup,
+                    )
+                )  # fmt: skip
+                runs[name].append(
+                    {k: getattr(r, k) for k in ("p50_ms", "p99_ms", "service_p99_ms", "errors")}
+                )
+                print(f"  trial {trial} {name:>8}: p99 {r.p99_ms:7.3f} ms", file=sys.stderr)
+        citadel.check_alive()
+    for name, trials in runs.items():
+        out[name] = {
+            "p99_ms_median": round(statistics.median(t["p99_ms"] for t in trials), 3),
+            "p50_ms_median": round(statistics.median(t["p50_ms"] for t in trials), 3),
+            "service_p99_ms_median": round(
+                statistics.median(t["service_p99_ms"] for t in trials), 3
+            ),
+            "errors": sum(t["errors"] for t in trials),
+            "runs": trials,
+        }
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="citadel-bench-authz-"))
     out: dict = {
@@ -186,6 +243,10 @@ def run(args: argparse.Namespace) -> dict:
             "runs": runs,
         }
 
+    big_rules = max(args.rules)
+    if args.trials and TARGET_RATE in args.rates:
+        out["p99_trials"] = p99_trials(work, big_rules, payloads[big_rules], probe, args)
+
     # Ratios against the trivial servicer, measured above in this same run.
     trivial_max = out["trivial"]["max"]["achieved_rps"]
     ratios = {}
@@ -216,15 +277,21 @@ def run(args: argparse.Namespace) -> dict:
                 "met": r["throughput_ratio"] is not None and r["throughput_ratio"] >= TARGET_RATIO,
             },
         }
+        trials = out.get("p99_trials")
+        if trials:
+            r["p99_ms_at_1000"] = trials["citadel"]["p99_ms_median"]
+            r["trivial_p99_ms_at_1000"] = trials["trivial"]["p99_ms_median"]
         if "p99_ms_at_1000" in r:
             out["targets"]["p99_ms_at_1000_rps"] = {
                 "rules": int(big),
                 "value": r["p99_ms_at_1000"],
                 "baseline_trivial": r["trivial_p99_ms_at_1000"],
+                "added_ms": round(r["p99_ms_at_1000"] - r["trivial_p99_ms_at_1000"], 3),
+                "how": f"median of {args.trials} interleaved trials" if trials else "one run",
                 "target": f"<= {TARGET_P99_MS}",
                 "met": r["p99_ms_at_1000"] <= TARGET_P99_MS,
             }
-            if out["trivial"]["rate_1000"]["p99_ms"] > TARGET_P99_MS:
+            if r["trivial_p99_ms_at_1000"] > TARGET_P99_MS:
                 out["targets"]["p99_ms_at_1000_rps"]["note"] = (
                     "the trivial servicer misses it too in this run: the machine (client and "
                     "server on the same cores) sets the floor"
@@ -241,11 +308,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop in flight")
     p.add_argument("--requests", type=int, default=2000, help="distinct requests cycled")
     p.add_argument("--pycasbin-budget", type=float, default=2.0, help="seconds per policy")
+    p.add_argument("--trials", type=int, default=3, help="interleaved p99 trials (0: none)")
     p.add_argument("--quick", action="store_true", help="short runs: a smoke test")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.pycasbin_budget, args.requests = 1.0, 0.3, 0.3, 300
+        args.trials = min(args.trials, 1)
     return args
 
 
