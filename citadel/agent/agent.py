@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 from cryptography import x509
 
 from citadel.agent.client import BundleInfo, CaClient, FetchError
@@ -76,8 +77,12 @@ class Agent:
         store: SecretStore | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
+        """``channel``: a TLS channel to the CA shared with other agents (benches, tests);
+        by default each agent opens its own."""
         self.config = config
+        self._channel = channel
         self.store = store or SecretStore()
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
@@ -110,6 +115,7 @@ class Agent:
                 token_file=self.config.token_file,
                 server_name=self.config.ca_server_name,
                 timeout=self.config.request_timeout,
+                channel=self._channel,
             )
         return self._client
 

@@ -129,7 +129,9 @@ class CaClient:
         server_name: str | None = None,
         timeout: float = 10.0,
         metadata: tuple[tuple[str, str], ...] = (),
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
+        """``channel``: an open channel to share (its owner closes it); else our own."""
         self.address = address
         self._token_file = token_file
         self._timeout = timeout
@@ -144,7 +146,8 @@ class CaClient:
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         creds = grpc.ssl_channel_credentials(root_certificates=ca_root_pem)
-        self._channel = grpc.aio.secure_channel(address, creds, options=options)
+        self._own_channel = channel is None
+        self._channel = channel or grpc.aio.secure_channel(address, creds, options=options)
         self._ca = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)
         self._bundle = bundle_pb2_grpc.TrustBundleServiceStub(self._channel)
 
@@ -203,4 +206,5 @@ class CaClient:
         )
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._own_channel:
+            await self._channel.close()

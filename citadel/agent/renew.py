@@ -3,7 +3,9 @@
 Renewal happens at half the certificate's life, moved by a random jitter (±10 % of the
 lifetime by default) so a fleet of pods started by one rollout does not hit the CA in the
 same second every half-life. Failures back off exponentially with "equal jitter" (half the
-delay fixed, half random): the delay never collapses to zero, yet retries spread out.
+delay fixed, half random): the delay never collapses to zero, yet retries spread out. A
+server's retry hint (``retry-after`` on RESOURCE_EXHAUSTED) sets the earliest retry, with
+jitter above it.
 """
 
 from __future__ import annotations
@@ -52,13 +54,24 @@ class Backoff:
     multiplier: float = 2.0
     rng: random.Random = field(default_factory=random.Random)
     attempt: int = 0
+    #: A server's retry hint is the earliest time to come back; the wait is drawn from
+    #: [hint, hint * (1 + hint_jitter)].
+    hint_jitter: float = 0.5
 
     def next_delay(self, *, floor: float = 0.0) -> float:
-        """The next wait in seconds; ``floor`` honours a server's retry hint."""
+        """The next wait in seconds; ``floor`` honours a server's retry hint.
+
+        A hint is never followed to the millisecond: a CA sheds a whole wave of agents in
+        the same second with the same whole-second ``retry-after``, and agents that all
+        came back exactly then would arrive as the same wave, to be shed again.
+        """
         cap = min(self.maximum, self.initial * self.multiplier**self.attempt)
         self.attempt += 1
         delay = cap / 2 + self.rng.uniform(0, cap / 2)
-        return max(delay, min(floor, self.maximum * 4))
+        hint = min(floor, self.maximum * 4)
+        if hint > delay:
+            delay = hint + self.rng.uniform(0, hint * self.hint_jitter)
+        return delay
 
     def reset(self) -> None:
         self.attempt = 0

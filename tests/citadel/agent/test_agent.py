@@ -8,6 +8,7 @@ import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -128,6 +129,42 @@ def test_retry_hint_of_resource_exhausted_is_honoured(pki, tmp_path):
     asyncio.run(_with_ca(pki, tmp_path, Script(steps=["exhausted"]), body))
 
 
+def test_agents_sharing_a_channel_keep_their_own_identities(pki, tmp_path):
+    """A shared channel (the renewal-storm bench puts thousands of agents on a few) carries
+    each agent's own token; closing an agent leaves the channel to its owner."""
+    other = _jwt(
+        {
+            "sub": "system:serviceaccount:shop:pay",
+            "kubernetes.io": {**K8S, "serviceaccount": {"name": "pay"}},
+        }
+    )
+
+    async def run() -> None:
+        server, port, ca = await start_fake_ca(pki, Script(), tmp_path / "roots.pem")
+        creds = grpc.ssl_channel_credentials((tmp_path / "roots.pem").read_bytes())
+        channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
+        agents = []
+        for name, token in (("cart", TOKEN), ("pay", other)):
+            d = tmp_path / name
+            d.mkdir()
+            cfg = _config(d, port)
+            cfg.token_file.write_text(token)
+            (d / "roots.pem").write_bytes((tmp_path / "roots.pem").read_bytes())
+            agents.append(Agent(cfg, channel=channel))
+        try:
+            got = [str((await a.fetch_once()).spiffe_id) for a in agents]
+            assert got == [WANT, "spiffe://cluster.local/ns/shop/sa/pay"]
+            assert ca.authorizations == [f"Bearer {TOKEN}", f"Bearer {other}"]
+            await agents[0].close()
+            await agents[1].fetch_once()  # the shared channel still works
+        finally:
+            await agents[1].close()
+            await channel.close()
+            await server.stop(0)
+
+    asyncio.run(run())
+
+
 def test_once_gives_up_after_max_attempts_with_a_clear_message(pki, tmp_path):
     async def body(agent: Agent, ca) -> None:
         with pytest.raises(GiveUp, match=r"gave up after 3 attempt\(s\).*unavailable"):
@@ -225,9 +262,25 @@ def test_backoff_grows_is_capped_and_jittered():
     assert 0.5 <= delays[0] <= 1
     assert all(4 <= d <= 8 for d in delays[4:])
     assert len(set(delays)) == len(delays)
-    assert b.next_delay(floor=20) == 20
+    assert 20 <= b.next_delay(floor=20) <= 30
     b.reset()
     assert b.next_delay() <= 1
+
+
+def test_a_shed_wave_does_not_come_back_as_one_wave():
+    """10,000 agents shed in the same second with ``retry-after: 1`` come back spread
+    over [1, 1.5] s, not all at +1 s (which the CA would shed again)."""
+    rng = random.Random(5)
+    delays = [Backoff(initial=0.5, maximum=5, rng=rng).next_delay(floor=1.0) for _ in range(10_000)]
+    assert min(delays) >= 1.0 and max(delays) <= 1.5
+    buckets = [0] * 5
+    for d in delays:
+        buckets[min(4, int((d - 1.0) / 0.1))] += 1
+    assert max(buckets) < 0.25 * len(delays), buckets
+    # Without a hint (or a hint below our own backoff) the hint changes nothing.
+    assert 0.25 <= Backoff(initial=0.5, rng=rng).next_delay(floor=0.1) <= 0.5
+    # A hint beyond four times our maximum is capped there (a confused CA cannot park us).
+    assert Backoff(initial=0.5, maximum=5, rng=rng).next_delay(floor=3600) <= 30
 
 
 @pytest.mark.parametrize(
