@@ -3,21 +3,46 @@
 ``authz.reload`` builds on this (adding the directory's policy tests, the one-generation
 read of a ConfigMap and the swap); start-up, the watcher and ``POST /v1/reload`` all go
 through it, so every path into serving passes the same gate.
+
+Why a helper process (``BuildWorker``): the serving process decides every Check on one
+event loop, and any Python work a reload does there takes the GIL from that loop. Reading
+and parsing a 10,000-row ``policy.csv`` is half of a reload's CPU, and a directory's own
+policy tests can be any size; the helper does both on another core and hands back only
+the parsed ``Policy`` (plain tuples: unpickling it costs a few ms). The serving process
+still builds its own engine from that value (engines hold closures and compiled regexes,
+which do not cross processes cheaply). Anything wrong with the helper (it cannot start,
+it died, it hangs) makes the reload do the same work in process: the gate never weakens.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import multiprocessing
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from authz.engine import Engine, build_engine
 from authz.policy import Policy, load_policy_dir, rule_counts
 from citadel.errors import PolicyError
+from citadel.logs import get_logger
 
-__all__ = ["LoadedPolicy", "counts_for", "load_engine"]
+__all__ = [
+    "BuildWorker",
+    "BuildWorkerUnavailable",
+    "LoadedPolicy",
+    "counts_for",
+    "load_engine",
+    "load_engine_from",
+    "shared_build_worker",
+]
+
+log = get_logger("authz.loading")
 
 # Rule counts by ptype for recent revisions. A revision is a content hash, so this memo
 # is a pure function of its key and safe to share between states in one process.
@@ -50,6 +75,17 @@ def load_engine(
     """Read, validate and build; raise ``PolicyError`` (with file/line when known)."""
     started = perf_counter()
     policy = load_policy_dir(directory)
+    return load_engine_from(policy, started=started, perf_counter=perf_counter)
+
+
+def load_engine_from(
+    policy: Policy,
+    *,
+    started: float | None = None,
+    perf_counter: Callable[[], float] = time.perf_counter,
+) -> LoadedPolicy:
+    """Validate and build an already parsed policy (e.g. one a BuildWorker read)."""
+    started = perf_counter() if started is None else started
     try:
         engine = build_engine(policy)
     except PolicyError:
@@ -58,3 +94,134 @@ def load_engine(
         raise PolicyError(f"engine could not be built: {type(exc).__name__}: {exc}") from exc
     _remember_counts(policy)
     return LoadedPolicy(policy=policy, engine=engine, duration_s=perf_counter() - started)
+
+
+# ------------------------------------------------------------------ the helper process
+
+
+class BuildWorkerUnavailable(Exception):
+    """The helper cannot do this job (not started, died, timed out): do it in process."""
+
+
+def _child_ready() -> bool:
+    import authz.reload  # noqa: F401  (pay the imports before the first reload needs them)
+
+    return True
+
+
+def _error_tuple(exc: PolicyError) -> tuple[str, str, str | None, int | None]:
+    return ("error", exc.message, exc.file, exc.line)
+
+
+def _child_parse(directory: str) -> tuple[Any, ...]:
+    try:
+        return ("ok", load_policy_dir(directory))
+    except PolicyError as exc:
+        return _error_tuple(exc)
+
+
+def _child_check(directory: str) -> tuple[Any, ...]:
+    """The whole gate (parse, validate, build, probe, the directory's policy tests)."""
+    from authz.reload import load_candidate
+
+    try:
+        load_candidate(directory, run_tests=True)
+    except PolicyError as exc:
+        return _error_tuple(exc)
+    return ("ok",)
+
+
+def _unpack(result: tuple[Any, ...]) -> Any:
+    if result[0] == "error":
+        raise PolicyError(result[1], file=result[2], line=result[3])
+    return result[1] if len(result) > 1 else None
+
+
+class BuildWorker:
+    """One spawned helper process that parses candidate policies and runs their tests.
+
+    Jobs run one at a time (reloads are serialised anyway); ``timeout_s`` bounds each, and
+    a helper that exceeds it or dies is discarded and replaced on the next job.
+    """
+
+    def __init__(self, *, timeout_s: float = 60.0) -> None:
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        #: Jobs that fell back to the serving process (for tests and /metrics).
+        self.fallbacks = 0
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                # spawn: a clean interpreter (never fork a process running gRPC threads).
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                )
+            return self._pool
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        try:
+            return self._executor().submit(fn, *args)
+        except Exception as exc:  # broken pool, daemonic parent, interpreter shutting down
+            self._discard()
+            raise BuildWorkerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _result(self, fut: concurrent.futures.Future[Any]) -> tuple[Any, ...]:
+        try:
+            return fut.result(timeout=self.timeout_s)
+        except Exception as exc:  # died, timed out, result did not unpickle
+            self._discard()
+            raise BuildWorkerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _discard(self) -> None:
+        self.fallbacks += 1
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.kill()  # a hung helper must not hold the next job
+            with contextlib.suppress(Exception):
+                pool.shutdown(wait=False, cancel_futures=True)
+        log.warning("policy build helper unavailable; loading in process")
+
+    def start(self) -> None:
+        """Spawn the helper now (its imports take a while), without waiting for it."""
+        with contextlib.suppress(BuildWorkerUnavailable):
+            self._submit(_child_ready)
+
+    def parse(self, directory: str | Path) -> Policy:
+        """``load_policy_dir`` in the helper; PolicyError as it would raise in process."""
+        policy = _unpack(self._result(self._submit(_child_parse, str(directory))))
+        if not isinstance(policy, Policy):
+            self._discard()
+            raise BuildWorkerUnavailable(f"helper returned {type(policy).__name__}")
+        return policy
+
+    def check(self, directory: str | Path) -> concurrent.futures.Future[Any]:
+        """Start the whole gate, tests included, in the helper; ``verdict`` waits for it."""
+        return self._submit(_child_check, str(directory))
+
+    def verdict(self, fut: concurrent.futures.Future[Any]) -> None:
+        """None if the candidate passed; PolicyError if not; BuildWorkerUnavailable."""
+        _unpack(self._result(fut))
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_shared: BuildWorker | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_build_worker() -> BuildWorker:
+    """The process-wide helper (one per serving process, shared by its reloaders)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = BuildWorker()
+        return _shared

@@ -31,6 +31,9 @@ class LoadOutcome:
     line: int | None = None
     duration_s: float = 0.0
     rules: int = 0
+    #: CPU the loading thread of this process spent (parsing elsewhere does not count):
+    #: what a reload took from the event loop that decides Checks, which shares the GIL.
+    cpu_s: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -62,7 +65,9 @@ class PolicyState:
     def revision(self) -> str:
         return self.engine.revision
 
-    def swap(self, engine: Engine, *, duration_s: float = 0.0, rules: int = 0) -> None:
+    def swap(
+        self, engine: Engine, *, duration_s: float = 0.0, rules: int = 0, cpu_s: float = 0.0
+    ) -> None:
         with self._lock:
             self.engine = engine
             self.loaded_at = self._clock()
@@ -74,6 +79,7 @@ class PolicyState:
                     revision=engine.revision,
                     duration_s=duration_s,
                     rules=rules,
+                    cpu_s=cpu_s,
                 )
             )
 
