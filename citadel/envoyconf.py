@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "TRACE_HEADERS",
     "address",
     "downstream_tls",
+    "ext_authz_cluster",
     "ext_authz_filter",
     "http_connection_manager",
     "listener",
@@ -28,6 +30,12 @@ __all__ = [
 ]
 
 Json = dict[str, Any]
+
+#: The request headers citadel authz reads from a CheckRequest besides host, method, path
+#: and the peer principal (authz.service: they tie a decision to a trace). ext_authz sends
+#: Envoy only these: a smaller CheckRequest to build and parse, and credentials
+#: (``authorization``, ``cookie``) never leave the sidecar for the authz service.
+TRACE_HEADERS = ("x-request-id", "traceparent", "x-b3-traceid")
 
 _TYPE = "type.googleapis.com/envoy.extensions"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -132,18 +140,35 @@ def http_connection_manager(
     }
 
 
-def ext_authz_filter(cluster: str, *, timeout: str = "2s", **options: Any) -> Json:
-    """The ext_authz HTTP filter asking ``cluster`` over gRPC; fails closed."""
-    return {
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": f"{_TYPE}.filters.http.ext_authz.v3.ExtAuthz",
-            "transport_api_version": "V3",
-            "failure_mode_allow": False,
-            **options,
-            "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": timeout},
-        },
+def ext_authz_filter(
+    cluster: str,
+    *,
+    timeout: str = "2s",
+    allowed_headers: Sequence[str] | None = TRACE_HEADERS,
+    **options: Any,
+) -> Json:
+    """The ext_authz HTTP filter asking ``cluster`` over Envoy's own gRPC client; fails
+    closed. ``allowed_headers`` are the request headers sent along (None: all of them).
+
+    Measured through real Envoy (bench/envoy_vs_rbac.py --tune): Envoy's own gRPC client
+    costs Envoy ~0.25 ms less CPU per request than ``google_grpc``; trimming the headers,
+    raw header encoding and a second connection changed nothing measurable.
+    """
+    cfg: Json = {
+        "@type": f"{_TYPE}.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "failure_mode_allow": False,
     }
+    if allowed_headers is not None:
+        cfg["allowed_headers"] = {"patterns": [{"exact": h} for h in allowed_headers]}
+    cfg.update(options)
+    cfg["grpc_service"] = {"envoy_grpc": {"cluster_name": cluster}, "timeout": timeout}
+    return {"name": "envoy.filters.http.ext_authz", "typed_config": cfg}
+
+
+def ext_authz_cluster(name: str, addr: Json) -> Json:
+    """The cluster ext_authz's gRPC client calls (HTTP/2 to citadel authz)."""
+    return static_cluster(name, addr, http2=True)
 
 
 def listener(
