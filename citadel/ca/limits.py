@@ -19,11 +19,18 @@ Three independent limits, each cheap to check and bounded in memory:
 
 The per-identity table is an LRU of at most ``max_identities`` buckets; evicting one only
 forgets a partly drained bucket, never grants more than ``burst`` at once.
+
+When the concurrency cap sheds, the hint is not a fixed second: a fleet of 10,000 agents
+told "1 s" comes back as one wave and is shed again, and refusing costs the CA nearly half
+of what issuing does. ``DrainEstimate`` measures what the CA completes per second and how
+many callers it turned away recently, and spreads each shed caller's hint uniformly over
+the time the CA needs to drain them, so retries arrive about as fast as they can be served.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -38,6 +45,8 @@ __all__ = [
     "DEFAULT_IDENTITY_RATE",
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_RATE",
+    "MAX_DRAIN_HINT",
+    "DrainEstimate",
     "Limits",
     "RateLimiter",
     "TokenBucket",
@@ -52,6 +61,8 @@ DEFAULT_IDENTITY_BURST: Final = 400.0
 #: Calls inside the servicer at once (waiting on TokenReview, signing, auditing).
 DEFAULT_MAX_IN_FLIGHT: Final = 512
 MAX_IDENTITIES: Final = 100_000
+#: The longest retry hint a shed caller is given (seconds); agents cap what they obey too.
+MAX_DRAIN_HINT: Final = 30
 
 
 class TokenBucket:
@@ -181,3 +192,60 @@ class RateLimiter:
     def tracked_identities(self) -> int:
         with self._lock:
             return len(self._identities)
+
+
+class DrainEstimate:
+    """Completions per second and recent refusals: how long until a backlog is served.
+
+    Counted in windows of ``window`` seconds; the completion rate is smoothed across
+    windows (EWMA) so one slow second does not swing the hints. Not thread-safe: one per
+    event loop (the servicer calls it from its loop only).
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        window: float = 1.0,
+        max_hint: int = MAX_DRAIN_HINT,
+        initial_rate: float = 100.0,
+    ) -> None:
+        """``initial_rate``: completions per second assumed until a window is measured
+        (a CA hit by a storm right after start has no history)."""
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 (spreading retries, not secrets)
+        self._window = window
+        self._max_hint = max_hint
+        self._start = clock()
+        self._done = 0
+        self._shed = 0
+        self._recent_shed = 0.0
+        self.rate = 0.0
+        self._initial_rate = initial_rate
+
+    def _roll(self, now: float) -> None:
+        elapsed = now - self._start
+        if elapsed < self._window:
+            return
+        rate = self._done / elapsed
+        self.rate = rate if self.rate == 0 else 0.5 * self.rate + 0.5 * rate
+        # Callers shed in the last window are (mostly) still waiting to come back.
+        self._recent_shed = self._shed if elapsed < 2 * self._window else 0.0
+        self._start, self._done, self._shed = now, 0, 0
+
+    def completed(self) -> None:
+        self._roll(self._clock())
+        self._done += 1
+
+    def drain_seconds(self, in_flight: int) -> float:
+        """Seconds to serve what is inside plus the callers recently turned away."""
+        backlog = in_flight + self._shed + self._recent_shed
+        return backlog / max(self.rate or self._initial_rate, 1.0)
+
+    def shed_hint(self, in_flight: int) -> float:
+        """Whole seconds for one shed caller: uniform over [1, drain time], capped."""
+        self._roll(self._clock())
+        self._shed += 1
+        horizon = max(1, min(self._max_hint, math.ceil(self.drain_seconds(in_flight))))
+        return float(self._rng.randint(1, horizon))

@@ -24,7 +24,7 @@ import grpc
 from citadel.audit import AuditLog
 from citadel.ca._proto import ca_pb2, ca_pb2_grpc
 from citadel.ca.issuance import IssuedCertificate, Issuer
-from citadel.ca.limits import DEFAULT_MAX_IN_FLIGHT, Limits, RateLimiter
+from citadel.ca.limits import DEFAULT_MAX_IN_FLIGHT, DrainEstimate, Limits, RateLimiter
 from citadel.ca.tokens import Caller, TokenAuthenticator
 from citadel.errors import (
     AuditError,
@@ -124,9 +124,11 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         access: AccessLists | None = None,
         max_in_flight: int | None = None,
         limiter: RateLimiter | None = None,
+        drain: DrainEstimate | None = None,
     ) -> None:
         """``limiter`` carries the rate limits and the concurrency cap; ``max_in_flight``
-        overrides its cap (kept for callers that only want a cap)."""
+        overrides its cap (kept for callers that only want a cap). ``drain`` spreads the
+        retry hints of calls shed by the cap over the time the CA needs to serve them."""
         self._authenticator = authenticator
         self._issuer = issuer
         self._audit = audit
@@ -135,6 +137,7 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         self._max_in_flight = max_in_flight or (
             self._limiter.limits.max_in_flight if limiter else DEFAULT_MAX_IN_FLIGHT
         )
+        self._drain = drain or DrainEstimate()
         self._in_flight = 0
         self.granted = 0
         self.refused = 0
@@ -163,16 +166,19 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
             "reason": None,
         }
         self._in_flight += 1
+        admitted = False
         try:
             try:
                 if self._in_flight > self._max_in_flight:
+                    hint = self._drain.shed_hint(self._in_flight - 1)
                     raise Overloaded(
                         f"the CA has {self._max_in_flight} requests in progress, its limit; "
-                        "retry after 1 s",
-                        retry_after=1.0,
+                        f"retry after {hint:g} s",
+                        retry_after=hint,
                         reason="too_many_in_flight",
                     )
                 self._limiter.check_global()
+                admitted = True
                 issued = await self._issue(request, context, record)
             except CitadelError as exc:
                 return await self._refuse(context, record, exc)
@@ -201,6 +207,8 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
             return ca_pb2.IstioCertificateResponse(cert_chain=issued.chain_pem)
         finally:
             self._in_flight -= 1
+            if admitted:
+                self._drain.completed()
 
     async def _issue(
         self,

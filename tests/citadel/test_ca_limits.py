@@ -6,6 +6,8 @@ import pytest
 
 from citadel.ca.limits import (
     DEFAULT_IDENTITY_BURST,
+    MAX_DRAIN_HINT,
+    DrainEstimate,
     Limits,
     RateLimiter,
     TokenBucket,
@@ -92,3 +94,35 @@ def test_defaults_fit_a_rollout() -> None:
 def test_bad_limits_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         Limits(**kwargs)  # type: ignore[arg-type]
+
+
+def test_shed_hints_spread_over_the_drain_time() -> None:
+    """A CA serving 100/s that turns away 1,000 callers tells them to come back over
+    ~10 s, spread evenly, not all after 1 s (they would arrive as one wave again)."""
+    import random
+
+    clock = Clock()
+    drain = DrainEstimate(clock=clock, rng=random.Random(1))
+    for _ in range(100):  # one measured second: 100 completions
+        drain.completed()
+        clock.now += 0.0101
+    drain.completed()
+    assert drain.rate == pytest.approx(100, rel=0.02)
+    hints = [drain.shed_hint(in_flight=0) for _ in range(1000)]
+    assert all(h == int(h) and 1 <= h <= 10 for h in hints)
+    late = hints[500:]  # by then the backlog says ~5-10 s
+    assert max(late) == 10 and len(set(late)) >= 9
+    assert sum(1 for h in late if h == 1) < 0.2 * len(late)
+    # The next window still remembers who was turned away.
+    clock.now += 1.0
+    assert drain.drain_seconds(in_flight=0) >= 9
+
+
+def test_shed_hint_is_bounded_and_starts_from_a_prior() -> None:
+    import random
+
+    clock = Clock()
+    drain = DrainEstimate(clock=clock, rng=random.Random(2), initial_rate=100)
+    assert drain.shed_hint(in_flight=50) == 1.0  # 51 callers at an assumed 100/s
+    hints = [drain.shed_hint(in_flight=0) for _ in range(100_000)]
+    assert max(hints) == MAX_DRAIN_HINT
