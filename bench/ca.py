@@ -111,25 +111,36 @@ def baselines(state: Path, tokens: list[str], csrs: list[str], seconds: float) -
 
     out["stage_token_verify_per_s"] = round(asyncio.run(tokens_only(n)))
     caller = asyncio.run(auth.authenticate(tokens[0]))
-    for mode in ("chain", "full"):
-        issuer = Issuer(authority, self_check=mode)
+    issuers = {mode: Issuer(authority, self_check=mode) for mode in ("chain", "full")}
 
-        async def pipeline(n_calls: int, issuer: Issuer = issuer) -> float:
-            start = time.perf_counter()
-            for k in range(n_calls):
-                who = await auth.authenticate(tokens[k % len(tokens)])
-                issuer.issue(who, csrs[k % len(csrs)])
-            return n_calls / (time.perf_counter() - start)
+    async def pipeline(issuer: Issuer, n_calls: int) -> float:
+        start = time.perf_counter()
+        for k in range(n_calls):
+            who = await auth.authenticate(tokens[k % len(tokens)])
+            issuer.issue(who, csrs[k % len(csrs)])
+        return n_calls / (time.perf_counter() - start)
 
-        asyncio.run(pipeline(200))  # warm up
-        out[f"pipeline_{mode}_per_s"] = round(asyncio.run(pipeline(n)))
-        j = [0]
+    # The two self-check modes alternate in short rounds, best of each reported: on a
+    # shared, noisy box a disturbance then hits both instead of one.
+    rounds = 3
+    pipe: dict[str, list[float]] = {m: [] for m in issuers}
+    stage: dict[str, list[float]] = {m: [] for m in issuers}
+    for issuer in issuers.values():
+        asyncio.run(pipeline(issuer, 200))  # warm up
+    for _ in range(rounds):
+        for mode, issuer in issuers.items():
+            pipe[mode].append(asyncio.run(pipeline(issuer, max(100, n // rounds))))
+            j = [0]
 
-        def issue_only(issuer: Issuer = issuer, j: list[int] = j) -> None:
-            j[0] += 1
-            issuer.issue(caller, csrs[j[0] % len(csrs)])
+            def issue_only(issuer: Issuer = issuer, j: list[int] = j) -> None:
+                j[0] += 1
+                issuer.issue(caller, csrs[j[0] % len(csrs)])
 
-        out[f"stage_csr_sign_selfcheck_{mode}_per_s"] = round(rate(issue_only, seconds))
+            stage[mode].append(rate(issue_only, seconds / rounds))
+    for mode in issuers:
+        out[f"pipeline_{mode}_per_s"] = round(max(pipe[mode]))
+        out[f"pipeline_{mode}_median_per_s"] = round(statistics.median(pipe[mode]))
+        out[f"stage_csr_sign_selfcheck_{mode}_per_s"] = round(max(stage[mode]))
     return out
 
 
