@@ -148,6 +148,7 @@ class BuildWorker:
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._ready: concurrent.futures.Future[Any] | None = None
         #: Jobs that fell back to the serving process (for tests and /metrics).
         self.fallbacks = 0
 
@@ -177,7 +178,7 @@ class BuildWorker:
     def _discard(self) -> None:
         self.fallbacks += 1
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._ready = self._pool, None, None
         if pool is not None:
             with contextlib.suppress(Exception):
                 for proc in list(getattr(pool, "_processes", {}).values()):
@@ -186,10 +187,40 @@ class BuildWorker:
                 pool.shutdown(wait=False, cancel_futures=True)
         log.warning("policy build helper unavailable; loading in process")
 
+    def pid(self) -> int | None:
+        """The helper's process id, once it runs (for operators and tests)."""
+        with self._lock:
+            procs = getattr(self._pool, "_processes", None) or {}
+        return next(iter(procs), None)
+
     def start(self) -> None:
         """Spawn the helper now (its imports take a while), without waiting for it."""
         with contextlib.suppress(BuildWorkerUnavailable):
-            self._submit(_child_ready)
+            fut = self._submit(_child_ready)
+            with self._lock:
+                self._ready = fut
+
+    def ready(self) -> bool:
+        """True once the helper runs; starts it if it is not starting. A reload does not
+        wait for a helper to boot (a second or so): it loads in process meanwhile."""
+        fut = self._ready
+        if fut is None:
+            self.start()
+            return False
+        if not fut.done():
+            return False
+        if fut.cancelled() or fut.exception() is not None:
+            self._discard()
+            return False
+        return True
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def parse(self, directory: str | Path) -> Policy:
         """``load_policy_dir`` in the helper; PolicyError as it would raise in process."""
@@ -209,7 +240,7 @@ class BuildWorker:
 
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._ready = self._pool, None, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -241,9 +241,9 @@ def _load_from(
 
 
 def _parse_elsewhere(worker: BuildWorker | None, real: Path) -> Policy | None:
-    """The policy as the helper process parsed it; None: parse here (no helper, or it
-    is unavailable). PolicyError when the files are bad."""
-    if worker is None:
+    """The policy as the helper process parsed it; None: parse here (no helper, it is
+    still starting, or it is unavailable). PolicyError when the files are bad."""
+    if worker is None or not worker.ready():
         return None
     try:
         return worker.parse(real)
@@ -561,15 +561,16 @@ class Reloader:
     # ----------------------------------------------------------- watching
 
     def start(self) -> Reloader:
-        """Watch in a daemon thread (idempotent)."""
-        if self.worker is not None:
-            self.worker.start()
+        """Watch in a daemon thread (idempotent); then start the build helper, which
+        takes a second to boot (the first reloads load in process meanwhile)."""
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(
                 target=self._watch_loop, name=f"reloader-{self.name}", daemon=True
             )
             self._thread.start()
+        if self.worker is not None:
+            self.worker.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -240,6 +240,7 @@ def bench_size(
 VARIANTS: dict[str, dict] = {
     "cli": {},
     "default": {},
+    "before": {"isolate": False, "retire_slices": False},
     "thread": {"isolate": False},
     "no_warm": {"warm_keys": 0},
     "no_freeze": {"gc_freeze": False},
@@ -297,13 +298,16 @@ class Swapper(threading.Thread):
         super().__init__(daemon=True)
         self.cm, self.gen, self.every, self.k = cm, gen, every, k0
         self.stop = threading.Event()
-        self.at: list[float] = []  # wall clock (the server's history uses time.time())
+        self.at: list[tuple[float, str]] = []  # (wall clock, revision written)
 
     def run(self) -> None:
+        from authz.policy import revision_of
+
         while not self.stop.wait(self.every):
             self.k += 1
-            self.cm.write({"model.conf": MODEL, "policy.csv": variant(self.gen, self.k)})
-            self.at.append(time.time())
+            csv = variant(self.gen, self.k)
+            self.cm.write({"model.conf": MODEL, "policy.csv": csv})
+            self.at.append((time.time(), revision_of(MODEL, csv)))
 
 
 def policy_history(admin: str) -> list[dict]:
@@ -312,18 +316,22 @@ def policy_history(admin: str) -> list[dict]:
     return list(httpx.get(f"http://{admin}/v1/policy", timeout=10).json()["history"])
 
 
-def match_reloads(swaps: list[float], history: list[dict]) -> tuple[list[float], list[float]]:
+def match_reloads(
+    swaps: list[tuple[float, str]], history: list[dict]
+) -> tuple[list[float], list[float], int]:
     """(disk-to-serving seconds, serving-process CPU seconds) of each swap the server
-    served before the next one (one a later swap overtook is skipped)."""
-    oks = sorted((h["at"], h.get("cpu_s", 0.0)) for h in history if h.get("ok"))
-    total, cpu = [], []
-    for i, s in enumerate(swaps):
-        nxt = swaps[i + 1] if i + 1 < len(swaps) else s + 5.0
-        hit = next(((at, c) for at, c in oks if s <= at < nxt), None)
-        if hit is not None:
-            total.append(hit[0] - s)
-            cpu.append(hit[1])
-    return total, cpu
+    served, matched by revision (the history's ``at`` is the server's wall clock), and
+    how many swaps never served (a later one overtook them: the kubelet's can too)."""
+    served = {h["revision"]: h for h in history if h.get("ok") and h.get("revision")}
+    total, cpu, skipped = [], [], 0
+    for at, revision in swaps:
+        h = served.get(revision)
+        if h is None:
+            skipped += 1
+            continue
+        total.append(h["at"] - at)
+        cpu.append(h.get("cpu_s", 0.0))
+    return total, cpu, skipped
 
 
 def check_phase(target: str, payloads: list[bytes], seconds: float, warmup: float) -> dict:
@@ -374,10 +382,11 @@ def check_variant(name: str, args: argparse.Namespace, work: Path) -> dict:
                 swapper.join()
                 k = swapper.k
                 time.sleep(1.5)  # let the last swap land before asking
-                total, cpu = match_reloads(swapper.at, policy_history(admin))
+                total, cpu, skipped = match_reloads(swapper.at, policy_history(admin))
                 phase |= {
                     "swaps": len(swapper.at),
                     "reloads_seen": len(total),
+                    "overtaken": skipped,
                     "reload_s": [round(x, 3) for x in total],
                     "reload_cpu_ms": [round(x * 1000, 1) for x in cpu],
                 }

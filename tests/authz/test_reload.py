@@ -161,20 +161,27 @@ def test_watch_sees_editor_rename_and_in_place_writes(tmp_path: Path) -> None:
     state = initial_state(d)
     reloader = Reloader(state, d, debounce=0.05, poll_interval=5.0).start()
     try:
+        # Writes before the watch is in place are caught by a poll, not the watch: wait
+        # until it sees something (any file), so the writes below test the watch itself.
+        deadline = time.monotonic() + 10
+        while reloader.watch_events == 0 and time.monotonic() < deadline:
+            (d / "notes.txt").write_text(str(time.monotonic()))
+            time.sleep(0.05)
         # An editor: write a temp file, rename it over the original.
         tmp = d / ".policy.csv.swp"
         tmp.write_text(variant(1))
         os.replace(tmp, d / "policy.csv")
         rev1 = Policy.from_texts(MODEL, variant(1)).revision
-        wait_for(lambda: state.revision == rev1)
+        wait_for(lambda: getattr(reloader.last_outcome, "revision", None) == rev1)
+        assert reloader.last_outcome is not None and reloader.last_outcome.trigger == "watch"
         # A shell redirect: truncate and write in place.
         with open(d / "policy.csv", "w") as fh:
             fh.write(variant(2))
         rev2 = Policy.from_texts(MODEL, variant(2)).revision
-        wait_for(lambda: state.revision == rev2)
+        wait_for(lambda: reloader.last_outcome.revision == rev2)
+        assert reloader.last_outcome.trigger == "watch"
     finally:
         reloader.stop()
-    assert reloader.watch_events > 0
 
 
 def test_poll_only_mode_picks_up_changes(cm: ConfigMapDir) -> None:

@@ -1,0 +1,125 @@
+"""Reloads that spare the serving process: the helper process, sliced warm-up and teardown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from authz.engine import new_enforcer
+from authz.loading import BuildWorker
+from authz.policy import Policy, load_policy_dir
+from authz.reload import Reloader, initial_state, load_candidate, retire, warm_successor
+from tests.authz.test_reload import BROKEN, MODEL, PROBES, ConfigMapDir, variant
+
+
+@pytest.fixture(scope="module")
+def worker() -> BuildWorker:
+    """One helper for the module (spawning one costs about a second)."""
+    w = BuildWorker(timeout_s=30)
+    w.start()
+    assert w.wait_ready(60)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def cm(tmp_path: Path) -> ConfigMapDir:
+    d = ConfigMapDir(tmp_path / "policy")
+    d.write({"model.conf": MODEL, "policy.csv": variant(0)})
+    return d
+
+
+def test_helper_parses_exactly_what_the_serving_process_would(
+    worker: BuildWorker, cm: ConfigMapDir
+) -> None:
+    here = load_policy_dir(cm.root / "..data")
+    there = worker.parse(cm.root / "..data")
+    assert there == here
+    assert worker.pid() not in (None, os.getpid())
+    assert worker.fallbacks == 0
+
+
+def test_swap_through_the_helper_decides_as_pycasbin(worker: BuildWorker, cm: ConfigMapDir) -> None:
+    state = initial_state(cm.root)
+    reloader = Reloader(state, cm.root)
+    reloader.worker = worker
+    cm.write({"model.conf": MODEL, "policy.csv": variant(1)})
+    out = reloader.reload_now()
+    assert out.ok and out.changed and worker.fallbacks == 0
+    assert out.cpu_s > 0 and state.history[-1].cpu_s == out.cpu_s  # what the loop lost
+    reference = new_enforcer(Policy.from_texts(MODEL, variant(1)))
+    for probe in PROBES:
+        assert state.engine.decide(*probe).allowed == reference.enforce(*probe), probe
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_helper_refuses_what_the_in_process_gate_refuses(
+    worker: BuildWorker, tmp_path: Path, kind: str
+) -> None:
+    changes, file, line = BROKEN[kind]
+    files = {"model.conf": MODEL, "policy.csv": variant(0), **changes}
+    d = ConfigMapDir(tmp_path / "policy")
+    d.write({k: v for k, v in files.items() if v is not None})
+    refusals = []
+    for w in (worker, None):
+        with pytest.raises(Exception) as info:
+            load_candidate(d.root, worker=w)
+        refusals.append((type(info.value), info.value.message, info.value.file, info.value.line))
+    assert refusals[0] == refusals[1]
+    assert refusals[0][2:] == (file, line)
+    assert worker.fallbacks == 0
+
+
+def test_a_dead_helper_means_loading_in_process_then_a_new_helper(cm: ConfigMapDir) -> None:
+    w = BuildWorker(timeout_s=30)
+    try:
+        assert not w.ready()  # starting: the first reload does not wait for it
+        assert w.wait_ready(60)
+        state = initial_state(cm.root)
+        reloader = Reloader(state, cm.root)
+        reloader.worker = w
+        cm.write({"model.conf": MODEL, "policy.csv": variant(1)})
+        assert reloader.reload_now().changed and w.fallbacks == 0
+        first = w.pid()
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        time.sleep(0.2)
+        cm.write({"model.conf": MODEL, "policy.csv": variant(2)})
+        out = reloader.reload_now()
+        assert out.ok and out.changed and w.fallbacks == 1  # loaded here, not refused
+        assert w.wait_ready(60)  # a new helper
+        cm.write({"model.conf": MODEL, "policy.csv": variant(3)})
+        assert reloader.reload_now().changed and w.fallbacks == 1
+        assert w.pid() not in (None, first)
+    finally:
+        w.close()
+
+
+def test_retire_empties_an_engine_nothing_else_holds(cm: ConfigMapDir) -> None:
+    _, engine = load_candidate(cm.root)
+    for probe in PROBES:
+        engine.decide(*probe)
+    assert retire(engine)
+    assert vars(engine) == {}
+
+
+def test_retire_leaves_an_engine_in_use_alone(cm: ConfigMapDir) -> None:
+    """A decision still running on the old engine holds a reference: nothing is touched."""
+    _, engine = load_candidate(cm.root)
+    in_use = engine  # noqa: F841  (the second holder)
+    expected = [engine.decide(*p).allowed for p in PROBES]
+    assert not retire(engine)
+    assert [engine.decide(*p).allowed for p in PROBES] == expected
+
+
+def test_warm_up_in_slices_warms_every_key(cm: ConfigMapDir) -> None:
+    _, old = load_candidate(cm.root)
+    _, new = load_candidate(cm.root)
+    for probe in PROBES:
+        old.decide(*probe)
+    assert warm_successor(old, new, limit=len(PROBES), chunk=2) == len(PROBES)
+    assert all(new.decide(*p).cached for p in PROBES)
