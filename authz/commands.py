@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from authz.lifecycle_commands import register as register_lifecycle_commands
-from citadel.commands.options import AuditSigningKey
+from citadel.commands.options import AuditSigningKey, EventLoop
 
 if TYPE_CHECKING:
     from authz.server import AuthzConfig, RunningAuthz
@@ -103,18 +103,18 @@ def serve(
             "disagreements are counted and audited (authz.shadow). Hot-reloads too."
         ),
     ] = None,
+    event_loop: EventLoop = "auto",
 ) -> None:
     """Serve envoy.service.auth.v3.Authorization/Check plus the admin HTTP app.
 
     Exits 2 without listening if the policy, TLS files, audit log or ports are unusable;
     exits 0 after draining on SIGTERM.
     """
-    import asyncio
-
     from rich.console import Console
 
     from authz.server import AuthzConfig
     from authz.workers import run_workers
+    from citadel import eventloop
     from citadel.errors import ConfigError, PolicyError
     from citadel.logs import configure_logging
 
@@ -133,12 +133,13 @@ def serve(
         max_message_bytes=max_message_bytes,
         grace_s=grace,
         shadow_policy_dir=shadow_policy_dir,
+        event_loop=event_loop,
     )
     err = Console(stderr=True)
     try:
         if workers > 1:
             raise typer.Exit(run_workers(config, workers=workers, log_level=log_level))
-        asyncio.run(_serve(config))
+        eventloop.run(_serve(config), event_loop=config.event_loop)
     except PolicyError as exc:
         err.print(f"[red]error:[/] policy refused: {policy_error_text(exc, policy_dir)}")
         raise typer.Exit(2) from None

@@ -41,6 +41,7 @@ from authz.shadow import register_metrics as register_shadow_metrics
 from authz.state import PolicyState
 from citadel.audit import AuditLog, open_audit_log
 from citadel.errors import AuditError, ConfigError
+from citadel.eventloop import running_loop_name
 from citadel.logs import get_logger
 
 __all__ = ["AuthzConfig", "RunningAuthz", "parse_listen", "start_authz"]
@@ -83,6 +84,9 @@ class AuthzConfig:
     reload_poll_s: float = 5.0
     #: A candidate policy decided beside every Check, never enforced (authz/shadow.py).
     shadow_policy_dir: Path | None = None
+    #: ``auto``, ``uvloop`` or ``asyncio`` (citadel/eventloop.py); used by ``serve`` and by
+    #: every ``--workers`` process, which each run their own loop.
+    event_loop: str = "auto"
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -355,5 +359,6 @@ async def start_authz(
         engine=state.engine.kind,
         tls=creds is not None,
         mtls=config.client_ca is not None,
+        loop=running_loop_name(),
     )
     return running

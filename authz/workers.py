@@ -30,19 +30,21 @@ __all__ = ["run_workers"]
 
 def _worker_main(index: int, config: AuthzConfig, log_level: str, ready: object) -> None:
     """One worker: the ordinary server, telling the supervisor once it serves (or why not)."""
-    import asyncio
     from collections.abc import Callable
     from typing import cast
 
     import structlog
 
     from authz.commands import _serve, policy_error_text
+    from citadel import eventloop
 
     configure_logging(level=log_level)
     structlog.contextvars.bind_contextvars(worker=index)
     notify = cast("Callable[[], None]", ready)
     try:
-        asyncio.run(_serve(config, on_ready=lambda _running: notify()))
+        eventloop.run(
+            _serve(config, on_ready=lambda _running: notify()), event_loop=config.event_loop
+        )
     except PolicyError as exc:
         raise ConfigError(f"policy refused: {policy_error_text(exc, config.policy_dir)}") from exc
 

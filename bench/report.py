@@ -98,7 +98,8 @@ def authz_table(result: dict) -> list[str]:
                 f"{_fmt(r.get('p50_ms'))} | {_fmt(r.get('p99_ms'))} | {_fmt(r.get('errors'))} |"
             )
 
-    add("trivial always-OK", "-", result.get("trivial", {}))
+    add("trivial always-OK (asyncio)", "-", result.get("trivial", {}))
+    add("trivial always-OK (uvloop)", "-", result.get("trivial_uvloop", {}))
     for rules, entry in result.get("citadel", {}).items():
         add("citadel (audit on)", _fmt(int(rules)), entry.get("runs", {}))
     pyc = result.get("pycasbin_enforce", {})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import os
 import sys
@@ -15,6 +14,7 @@ import typer
 from cryptography.hazmat.primitives import hashes
 from rich.console import Console
 
+from citadel import eventloop
 from citadel.audit import open_audit_log
 from citadel.ca.authority import (
     KEY_TYPES,
@@ -40,7 +40,7 @@ from citadel.ca.server import (
 )
 from citadel.ca.service import AccessLists
 from citadel.ca.tokens import DEFAULT_AUDIENCE, TokenAuthenticator
-from citadel.commands.options import AuditSigningKey
+from citadel.commands.options import AuditSigningKey, EventLoop
 from citadel.durations import format_duration, parse_duration
 from citadel.errors import AuthorityError, CitadelError, ConfigError
 from citadel.logs import configure_logging
@@ -319,6 +319,7 @@ def serve(
         str, typer.Option("--audit-log", help="Audit JSON lines: a FILE, or - for stdout.")
     ] = "-",
     audit_signing_key: AuditSigningKey = None,
+    event_loop: EventLoop = "auto",
     insecure_plaintext: Annotated[
         bool, typer.Option("--insecure-plaintext", help="Serve without TLS (never in production).")
     ] = False,
@@ -503,7 +504,7 @@ def serve(
         console.print("  Ctrl-C or SIGTERM drains in-flight calls and stops")
 
     try:
-        asyncio.run(serve_ca(config, on_ready=ready))
+        eventloop.run(serve_ca(config, on_ready=ready), event_loop=event_loop)
     except CitadelError as exc:
         raise _err(console, exc.message) from None
     finally:

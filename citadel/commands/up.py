@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from citadel import eventloop
+from citadel.commands.options import EventLoop
 from citadel.embedded import (
     DEFAULT_ADMIN_LISTEN,
     DEFAULT_AUTHZ_LISTEN,
@@ -151,6 +153,7 @@ def up(
     log_level: Annotated[str, typer.Option("--log-level", help="Operational log level.")] = (
         "warning"
     ),
+    event_loop: EventLoop = "auto",
 ) -> None:
     """Run the whole plane on this machine: dev CA + ext_authz + admin, one process.
 
@@ -158,7 +161,6 @@ def up(
     runs reuse them. Exits 0 after draining on Ctrl-C/SIGTERM, 2 on a taken port or an
     unusable policy.
     """
-    import asyncio
 
     from rich.console import Console
 
@@ -192,7 +194,7 @@ def up(
                 ("the admin app", "--admin-listen", admin_listen),
             ]
         )
-        asyncio.run(_run_up(config, out, err))
+        eventloop.run(_run_up(config, out, err), event_loop=event_loop)
     except PolicyError as exc:
         err.print(f"[red]error:[/] policy refused: {exc.message}")
         raise typer.Exit(2) from None

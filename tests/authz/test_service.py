@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import os
 import signal
@@ -443,15 +444,18 @@ def _serve_cmd(policy_dir: Path, audit: Path, port: int, admin: int) -> list[str
             f"127.0.0.1:{admin}", "--audit-log", str(audit)]  # fmt: skip
 
 
-def test_cli_serve_drains_on_sigterm(tmp_path: Path) -> None:
-    """In-flight checks finish and are on record; late ones are refused, never lost."""
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
+def test_cli_serve_drains_on_sigterm(tmp_path: Path, event_loop: str) -> None:
+    """In-flight checks finish and are on record; late ones are refused, never lost - on
+    uvloop (the default where installed) and on the standard loop alike."""
     port, admin, audit = free_port(), free_port(), tmp_path / "audit.log"
     key = Ed25519PrivateKey.generate()
     key_file = tmp_path / "audit-key.pem"
     key_file.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
     key_file.chmod(0o600)
-    cmd = [*_serve_cmd(POLICIES, audit, port, admin), "--audit-signing-key", str(key_file)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [*_serve_cmd(POLICIES, audit, port, admin), "--audit-signing-key", str(key_file),
+           "--event-loop", event_loop]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             grpc.channel_ready_future(ch).result(timeout=30)
@@ -466,11 +470,17 @@ def test_cli_serve_drains_on_sigterm(tmp_path: Path) -> None:
                     ok += 1
                 except grpc.RpcError as exc:
                     assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-        assert proc.wait(timeout=20) == 0
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    serving = next(
+        json.loads(line) for line in (out + err).splitlines() if '"authz serving"' in line
+    )
+    uvloop_installed = importlib.util.find_spec("uvloop") is not None
+    assert serving["loop"] == ("uvloop" if event_loop == "auto" and uvloop_installed else "asyncio")
     # Every stream closed with a checkpoint signed by the operator's key.
     assert verify_files([audit], public_key=key.public_key(), require_closed=True).ok
     n = sum(1 for r in read_records([audit]) if r.get("kind") == "authz.decision")

@@ -1,0 +1,51 @@
+"""The servers' event loop choice: uvloop where installed, the standard loop on request."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from citadel import eventloop
+from citadel.errors import ConfigError
+
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
+
+
+async def _which() -> str:
+    await asyncio.sleep(0)
+    return eventloop.running_loop_name()
+
+
+def test_asyncio_is_the_standard_loop() -> None:
+    assert eventloop.loop_factory("asyncio") is None
+    assert eventloop.run(_which(), event_loop="asyncio") == "asyncio"
+
+
+@pytest.mark.skipif(not HAS_UVLOOP, reason="uvloop is not installed on this platform")
+@pytest.mark.parametrize("choice", ["auto", "uvloop"])
+def test_auto_and_uvloop_run_on_uvloop(choice: str) -> None:
+    assert eventloop.run(_which(), event_loop=choice) == "uvloop"
+
+
+@pytest.mark.parametrize("choice", ["uv", "", "trio", "AUTO"])
+def test_unknown_loop_is_refused_before_running(choice: str) -> None:
+    coro = _which()
+    with pytest.raises(ConfigError, match="event loop"):
+        eventloop.run(coro, event_loop=choice)
+    assert coro.cr_frame is None  # closed, never started
+
+
+def test_cli_refuses_unknown_loop_without_listening() -> None:
+    from typer.testing import CliRunner
+
+    from citadel.cli import app
+
+    result = CliRunner().invoke(
+        app, ["authz", "serve", "--policy-dir", str(POLICIES), "--event-loop", "trio"]
+    )
+    assert result.exit_code == 2
+    assert "event loop 'trio'" in result.output
