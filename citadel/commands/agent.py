@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from citadel.agent.keys import KeyType
+from citadel.commands.options import EventLoop
 
 app = typer.Typer(
     invoke_without_command=True,
@@ -53,10 +54,10 @@ def agent(
         str | None, typer.Option(help="Trust bundle poll period; default: the CA's hint.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    event_loop: EventLoop = "auto",
 ) -> None:
     """Get a workload certificate from the CA; keep it renewed; serve it to Envoy."""
-    import asyncio
-
+    from citadel import eventloop
     from citadel.agent.agent import AgentConfig
     from citadel.agent.health import parse_listen
     from citadel.agent.run import run_agent, run_once
@@ -88,9 +89,11 @@ def agent(
         raise typer.Exit(2) from None
     try:
         if once:
-            code = asyncio.run(run_once(config))
+            code = eventloop.run(run_once(config), event_loop=event_loop)
         else:
-            code = asyncio.run(run_agent(config, sds_socket=sds_socket, admin=admin))
+            code = eventloop.run(
+                run_agent(config, sds_socket=sds_socket, admin=admin), event_loop=event_loop
+            )
     except CitadelError as exc:
         typer.echo(f"citadel agent: {exc.message}", err=True)
         raise typer.Exit(1) from None
