@@ -20,13 +20,16 @@ In the same run it measures, in process:
   the stages alone (``stage_*``) to show where the time goes.
 
 Prints one JSON object with the figures, ratios, ``targets`` and ``os.cpu_count()``.
-``--quick`` shortens every phase (a smoke test, not a measurement).
+The CA runs on ``--event-loop auto`` (uvloop when installed); one single-worker phase on
+the standard asyncio loop is measured beside it. ``--quick`` shortens every phase (a
+smoke test, not a measurement).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -234,19 +237,22 @@ def serve_and_drive(
     concurrency: int,
     seconds: float,
     single: bool,
+    event_loop: str = "auto",
 ) -> dict:
     """``citadel ca serve --workers W`` in its own process group, driven from this one."""
     port = loadgen.free_port()
-    audit = state / f"audit-w{workers}.log"
+    audit = state / f"audit-w{workers}-{event_loop}.log"
     argv = [
         sys.executable, "-m", "citadel.cli", "ca", "serve",
         "--state-dir", str(state), "--listen", f"127.0.0.1:{port}",
         "--token-auth", "jwks", "--jwks-file", str(jwks),
         "--audit-log", str(audit), "--log-level", "warning", "--workers", str(workers),
+        "--event-loop", event_loop,
     ]  # fmt: skip
     connections = 4 * workers
-    out: dict = {"workers": workers}
-    with loadgen.ServerProcess(argv, name=f"ca-w{workers}", log_dir=state) as server:
+    out: dict = {"workers": workers, "event_loop": event_loop}
+    name = f"ca-w{workers}-{event_loop}"
+    with loadgen.ServerProcess(argv, name=name, log_dir=state) as server:
         root = (state / "cacerts" / "root-cert.pem").read_bytes()
         wait_ready(port, root, server.proc)
         time.sleep(0.5 * (workers - 1))  # every worker up, not just the first to answer
@@ -299,6 +305,14 @@ def main() -> None:
             state, dev.jwks_path, tokens, csrs,
             workers=1, concurrency=args.concurrency, seconds=load_s, single=True,
         )  # fmt: skip
+        # Same run, same worker count, the standard asyncio loop: what uvloop buys.
+        std = None
+        if importlib.util.find_spec("uvloop") is not None:
+            std = serve_and_drive(
+                state, dev.jwks_path, tokens, csrs, workers=1,
+                concurrency=args.concurrency, seconds=load_s, single=False,
+                event_loop="asyncio",
+            )  # fmt: skip
         many = None
         if args.workers > 1:
             many = serve_and_drive(
@@ -327,6 +341,12 @@ def main() -> None:
             ),
         },
     }
+    if std is not None:
+        result["grpc_tls_workers_1_asyncio_loop"] = std
+        result["ratios"]["workers_1_auto_loop_vs_asyncio"] = round(
+            w1["per_s"] / std["loaded"]["per_s"], 3
+        )
+    result["ca_event_loop"] = "uvloop" if std is not None else "asyncio"
     targets: dict = {
         "issuances_per_s_one_worker": {
             "value": w1["per_s"],
