@@ -176,6 +176,8 @@ def warm_successor(
 #: References to a replaced engine that ``retire`` itself accounts for: the caller's
 #: variable, retire's parameter, and sys.getrefcount's own argument.
 _RETIRE_OWN_REFS = 3
+#: Entries popped between two looks at the clock (a small dict is just dropped).
+_RETIRE_BATCH = 64
 
 
 def retire(engine: Engine, *, slice_s: float = 0.001, pause: float = 0.0002) -> bool:
@@ -195,11 +197,15 @@ def retire(engine: Engine, *, slice_s: float = 0.001, pause: float = 0.0002) -> 
     for name in list(attrs):
         value = attrs.pop(name)
         # 2: our variable and getrefcount's argument; more means someone else holds it.
-        if type(value) is dict and sys.getrefcount(value) == 2:
+        if type(value) is dict and len(value) > _RETIRE_BATCH and sys.getrefcount(value) == 2:
+            pop = value.popitem
             while value:
                 until = clock() + slice_s
-                while value and clock() < until:
-                    value.popitem()
+                while len(value) > _RETIRE_BATCH and clock() < until:
+                    for _ in range(_RETIRE_BATCH):
+                        pop()
+                if len(value) <= _RETIRE_BATCH:
+                    value.clear()
                 time.sleep(pause)
         del value
     return True
