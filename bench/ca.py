@@ -227,6 +227,60 @@ def wait_ready(port: int, root: bytes, proc: subprocess.Popen, timeout: float = 
     raise SystemExit("citadel ca serve did not become ready")
 
 
+#: The CA with a chosen ``self_check`` (``ca serve`` offers chain|issuer; ``full`` is the
+#: per-leaf walk to the root this CA did before): same server wiring, asyncio loop.
+_SELF_CHECK_SERVER = """
+import asyncio, sys
+from pathlib import Path
+from citadel.audit import open_audit_log
+from citadel.ca.jwks import JwksAuthenticator
+from citadel.ca.server import CAConfig, serve_ca
+from citadel.logs import configure_logging
+state, port, jwks, audit, mode = sys.argv[1:6]
+configure_logging(level="warning", json=True)
+async def main():
+    log = open_audit_log(audit, name="citadel-ca")
+    config = CAConfig(
+        cacerts_dir=Path(state) / "cacerts", listen=f"127.0.0.1:{port}", audit=log,
+        authenticator=JwksAuthenticator(jwks_file=Path(jwks)), self_check=mode,
+    )
+    try:
+        await serve_ca(config)
+    finally:
+        log.close()
+asyncio.run(main())
+"""
+
+
+def self_check_ab(
+    state: Path, jwks: Path, tokens: list[str], csrs: list[str], concurrency: int, seconds: float
+) -> dict:
+    """The served CA with ``self_check`` chain (now) vs full (before), same run."""
+    out: dict = {}
+    for mode in ("full", "chain"):
+        port = loadgen.free_port()
+        audit = state / f"audit-ab-{mode}.log"
+        argv = [
+            sys.executable, "-c", _SELF_CHECK_SERVER,
+            str(state), str(port), str(jwks), str(audit), mode,
+        ]  # fmt: skip
+        with loadgen.ServerProcess(argv, name=f"ca-ab-{mode}", log_dir=state) as server:
+            root = (state / "cacerts" / "root-cert.pem").read_bytes()
+            wait_ready(port, root, server.proc)
+            asyncio.run(drive(port, root, tokens, csrs, 8, 1.0))  # warm up
+            cpu0 = loadgen.group_cpu_seconds(server.pid)
+            loaded = asyncio.run(drive(port, root, tokens, csrs, concurrency, seconds))
+            cpu = loadgen.group_cpu_seconds(server.pid) - cpu0
+            server.check_alive()
+        loaded["ca_cpu_ms_per_call"] = round(1000 * cpu / max(1, loaded["calls"]), 3)
+        out[mode] = loaded
+    out["chain_vs_full_per_s"] = round(out["chain"]["per_s"] / out["full"]["per_s"], 3)
+    out["chain_vs_full_cpu_per_call"] = round(
+        out["chain"]["ca_cpu_ms_per_call"] / out["full"]["ca_cpu_ms_per_call"], 3
+    )
+    return out
+
+
 def serve_and_drive(
     state: Path,
     jwks: Path,
@@ -305,6 +359,7 @@ def main() -> None:
             state, dev.jwks_path, tokens, csrs,
             workers=1, concurrency=args.concurrency, seconds=load_s, single=True,
         )  # fmt: skip
+        ab = self_check_ab(state, dev.jwks_path, tokens, csrs, args.concurrency, load_s)
         # Same run, same worker count, the standard asyncio loop: what uvloop buys.
         std = None
         if importlib.util.find_spec("uvloop") is not None:
@@ -341,6 +396,7 @@ def main() -> None:
             ),
         },
     }
+    result["self_check_served_chain_vs_full"] = ab
     if std is not None:
         result["grpc_tls_workers_1_asyncio_loop"] = std
         result["ratios"]["workers_1_auto_loop_vs_asyncio"] = round(
@@ -361,6 +417,14 @@ def main() -> None:
             "target": ">= 0.5",
             "met": result["ratios"]["grpc_vs_pipeline_chain"] >= 0.5,
         },
+    }
+    targets["self_check_chain_vs_full_served"] = {
+        "value": ab["chain_vs_full_per_s"],
+        "chain_per_s": ab["chain"]["per_s"],
+        "baseline_full_per_s": ab["full"]["per_s"],
+        "cpu_per_call_ratio": ab["chain_vs_full_cpu_per_call"],
+        "target": "report",
+        "met": None,
     }
     if many is not None:
         wn = many["loaded"]
