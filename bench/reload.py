@@ -15,11 +15,12 @@ Then, at the Check level (issue 7 target 6): ``citadel authz serve`` with the 10
 policy and audit on (to a file) runs as its own process; ``bench/loadgen.py`` offers 1,000
 rps open loop from another process; phases alternate between no reloads (the baseline)
 and the policy directory swapped the kubelet way every ``--swap-every`` seconds. Check
-p50/p99/max per phase, the ratio, and every reload's disk-to-serving time (from the
-server's own ``/v1/policy`` history, whose ``at`` is the swap's wall-clock time).
+p50/p99/max per phase, the ratio, every reload's disk-to-serving time (from the server's
+own ``/v1/policy`` history, whose ``at`` is the swap's wall-clock time) and the CPU each
+reload took in the serving process (``cpu_s``: GIL time the event loop lost).
 
-    python bench/reload.py [--quick] [--threads 2] [--seconds 3] [--check-seconds 8]
-    python bench/reload.py --only check --variants default,no_warm   # experiments
+    python bench/reload.py [--quick] [--threads 2] [--seconds 2] [--check-seconds 5]
+    python bench/reload.py --only check --variants before,default   # experiments
 """
 
 from __future__ import annotations
@@ -236,7 +237,8 @@ def bench_size(
 # ------------------------------------------------------------------ Check level
 
 #: Reloader settings the in-process server (``--serve``) can run with, by name, so ideas
-#: are compared in one run against the same load. "cli" is the real ``citadel authz serve``.
+#: are compared in one run against the same load. "cli" is the real ``citadel authz serve``;
+#: "before" is the reloader without the build helper and the sliced teardown.
 VARIANTS: dict[str, dict] = {
     "cli": {},
     "default": {},
@@ -450,13 +452,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter phases, fewer reloads")
     ap.add_argument("--threads", type=int, default=2, help="decision threads")
-    ap.add_argument("--seconds", type=float, default=3.0, help="baseline phase length")
+    ap.add_argument("--seconds", type=float, default=2.0, help="baseline phase length")
     ap.add_argument(
         "--no-gc-freeze", action="store_true", help="reloader without gc.freeze() after swaps"
     )
     ap.add_argument("--only", choices=("decide", "check"), help="one half of the bench")
     ap.add_argument("--variants", type=lambda s: s.split(","), default=["cli"])
-    ap.add_argument("--check-seconds", type=float, default=8.0, help="Check phase length")
+    ap.add_argument("--check-seconds", type=float, default=5.0, help="Check phase length")
     ap.add_argument("--rounds", type=int, default=2, help="baseline+reload phase pairs")
     ap.add_argument("--swap-every", type=float, default=1.5)
     ap.add_argument("--warmup", type=float, default=1.0)
@@ -481,7 +483,7 @@ def main() -> None:
     }
     if args.only != "check":
         seconds = 1.5 if args.quick else args.seconds
-        sizes = [(1000, 3 if args.quick else 6), (10000, 2 if args.quick else 3)]
+        sizes = [(1000, 3 if args.quick else 4), (10000, 2 if args.quick else 3)]
         out |= {
             "decision_threads": args.threads,
             "gc_freeze": not args.no_gc_freeze,
