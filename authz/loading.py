@@ -19,6 +19,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import multiprocessing
+import multiprocessing.util
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -103,6 +105,19 @@ class BuildWorkerUnavailable(Exception):
     """The helper cannot do this job (not started, died, timed out): do it in process."""
 
 
+def _child_init(parent: int) -> None:
+    """Exit once the serving process is gone. A helper whose parent was SIGKILLed would
+    otherwise wait forever on its job queue (it holds that pipe's write end itself)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _child_ready() -> bool:
     import authz.reload  # noqa: F401  (pay the imports before the first reload needs them)
 
@@ -137,6 +152,14 @@ def _unpack(result: tuple[Any, ...]) -> Any:
     return result[1] if len(result) > 1 else None
 
 
+def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    with contextlib.suppress(Exception):
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.kill()
+    with contextlib.suppress(Exception):
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 class BuildWorker:
     """One spawned helper process that parses candidate policies and runs their tests.
 
@@ -157,8 +180,15 @@ class BuildWorker:
             if self._pool is None:
                 # spawn: a clean interpreter (never fork a process running gRPC threads).
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_child_init,
+                    initargs=(os.getpid(),),
                 )
+                # A process that is itself a multiprocessing child (``--workers``) joins
+                # its children at exit *before* the executor's own shutdown hook runs, so
+                # the helper must be stopped first or that exit waits forever.
+                multiprocessing.util.Finalize(None, _stop_pool, args=(self._pool,), exitpriority=10)
             return self._pool
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
@@ -180,11 +210,7 @@ class BuildWorker:
         with self._lock:
             pool, self._pool, self._ready = self._pool, None, None
         if pool is not None:
-            with contextlib.suppress(Exception):
-                for proc in list(getattr(pool, "_processes", {}).values()):
-                    proc.kill()  # a hung helper must not hold the next job
-            with contextlib.suppress(Exception):
-                pool.shutdown(wait=False, cancel_futures=True)
+            _stop_pool(pool)  # a hung helper must not hold the next job
         log.warning("policy build helper unavailable; loading in process")
 
     def pid(self) -> int | None:

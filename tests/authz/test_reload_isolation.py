@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -97,6 +99,35 @@ def test_a_dead_helper_means_loading_in_process_then_a_new_helper(cm: ConfigMapD
         assert w.pid() not in (None, first)
     finally:
         w.close()
+
+
+def test_helper_exits_when_the_serving_process_is_killed(tmp_path: Path) -> None:
+    script = (
+        "import os, signal, sys\n"
+        "from authz.loading import BuildWorker\n"
+        "if __name__ == '__main__':\n"
+        "    w = BuildWorker(); w.start(); assert w.wait_ready(60)\n"
+        "    print(w.pid(), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    (tmp_path / "serve.py").write_text(script)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "serve.py")], capture_output=True, text=True, timeout=90
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    helper = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(helper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(helper), "the helper outlived its serving process"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_retire_empties_an_engine_nothing_else_holds(cm: ConfigMapDir) -> None:
