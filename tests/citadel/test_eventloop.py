@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,12 +42,12 @@ def test_unknown_loop_is_refused_before_running(choice: str) -> None:
 
 
 def test_cli_refuses_unknown_loop_without_listening() -> None:
-    from typer.testing import CliRunner
-
-    from citadel.cli import app
-
-    result = CliRunner().invoke(
-        app, ["authz", "serve", "--policy-dir", str(POLICIES), "--event-loop", "trio"]
-    )
-    assert result.exit_code == 2
-    assert "event loop 'trio'" in result.output
+    # A subprocess, not CliRunner: ``serve`` configures process-wide logging on its stdout.
+    result = subprocess.run(
+        [sys.executable, "-m", "citadel.cli", "authz", "serve", "--policy-dir", str(POLICIES),
+         "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--event-loop", "trio"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "event loop 'trio'" in result.stderr
+    assert "authz serving" not in result.stdout + result.stderr
