@@ -210,8 +210,11 @@ def test_issued_svid_is_valid_everywhere(
     assert "eyJ" not in ca_server.audit_path.read_text()  # no JWT anywhere
 
 
-def test_issuer_anchored_self_check_serves_the_same_svids(ca_state: Path, tmp_path: Path) -> None:
-    with running_ca(ca_state, self_check="issuer", audit_path=tmp_path / "audit.log") as h:
+@pytest.mark.parametrize("self_check", ["issuer", "full"])
+def test_every_self_check_mode_serves_the_same_svids(
+    ca_state: Path, tmp_path: Path, self_check: str
+) -> None:
+    with running_ca(ca_state, self_check=self_check, audit_path=tmp_path / "audit.log") as h:
         pems = list(create(h, csr_pem(), token=h.token()).cert_chain)
     certs = [x509.load_pem_x509_certificate(p.encode()) for p in pems]
     assert_x509_svid(certs[0], certs, WEB)
