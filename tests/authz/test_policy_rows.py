@@ -74,3 +74,28 @@ def test_generated_p_rows_match_pycasbin(values: list[str]) -> None:
         return  # unbalanced brackets: pycasbin would crash or mis-split; we refuse
     ours_p = [r for r in ours if r[0] == "p"]
     assert ours_p == _pycasbin_rows(line)
+
+
+@given(st.text(alphabet="ab ,()[]\t", max_size=30))
+def test_fast_split_equals_the_bracket_aware_split(line: str) -> None:
+    """The str.split fast path never disagrees with the character loop it short-cuts."""
+    from authz.policy import _split_bracketed, split_policy_line
+
+    try:
+        slow = _split_bracketed(line)
+    except ValueError:
+        with pytest.raises(ValueError):
+            split_policy_line(line)
+        return
+    assert split_policy_line(line) == slow
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["", ",", ",a, b", "a,,b", "a, b ,", " a", "p, alice, /x, GET"],
+    ids=["empty", "comma", "leading_comma", "empty_field", "trailing_comma", "space", "plain"],
+)
+def test_fast_split_edge_lines(line: str) -> None:
+    from authz.policy import _split_bracketed, split_policy_line
+
+    assert split_policy_line(line) == _split_bracketed(line)
