@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -350,6 +351,13 @@ async def start_authz(
                 running._admin_task.result()
                 raise ConfigError("admin HTTP server did not start")
             await asyncio.sleep(0.005)
+    if reloader.gc_freeze:
+        # What start-up built (the engine, its indexes, grpc and the admin app) lives as
+        # long as the process: move it out of the collector's sight, as every reload does
+        # for its engine. Otherwise each full collection re-scans a 10,000-rule engine
+        # while holding the GIL (measured: ~12% more Checks/s with it frozen).
+        gc.collect()
+        gc.freeze()
     _log.info(
         "authz serving",
         grpc=f"{host}:{running.grpc_port}",

@@ -530,3 +530,19 @@ def test_policy_refused_at_load_with_file_and_line(tmp_path, model, rows, file, 
     with pytest.raises(PolicyError, match=words) as info:
         load_policy_dir(tmp_path)
     assert (info.value.file, info.value.line) == (file, line)
+
+
+def test_start_up_objects_are_frozen_out_of_the_collector(tmp_path: Path) -> None:
+    """The engine and server built at start are frozen (as after every reload), so a full
+    collection never re-scans them while Checks wait for the GIL."""
+    import gc
+
+    gc.unfreeze()
+    server = ServerThread(config_for(POLICIES, tmp_path / "audit.log", watch_policy=False))
+    try:
+        frozen = gc.get_freeze_count()
+        engine = server.running.state.engine
+        assert frozen > 1000
+        assert not gc.is_tracked(engine) or engine not in gc.get_objects(generation=2)
+    finally:
+        server.stop()
