@@ -403,3 +403,23 @@ def test_bad_policies_are_refused_at_load(
 def test_role_cycle_message_names_the_cycle() -> None:
     with pytest.raises(PolicyError, match="a -> b -> c -> a"):
         build_engine(Policy.from_texts(MODEL, "g, a, b\ng, b, c\ng, c, a"))
+
+
+def test_glob_memo_bound_never_changes_a_decision(
+    shipped: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """globMatch answers are memoised per node and value; a memo that keeps filling and
+    clearing (bound 2 here) decides exactly like pycasbin."""
+    from authz import matchers
+
+    monkeypatch.setattr(matchers, "GLOB_MEMO_SIZE", 2)
+    engine = build_engine(shipped, cache_size=0)
+    ref = reference(shipped, tmp_path)
+    rnd = random.Random(7)
+    hosts = [ORDERS_HOST, PAYMENTS_HOST, "evil.example.com", "shop.svc.cluster.local",
+             "a.b.shop.svc.cluster.local", "orders.shop.svc.cluster.local.evil"]  # fmt: skip
+    for _ in range(400):
+        sub, host = rnd.choice([FRONTEND, ORDERS]), rnd.choice(hosts)
+        path, act = rnd.choice(["/api/orders/7", "/status", "/admin/x"]), rnd.choice(["GET", "PUT"])
+        got = engine.decide(sub, host, path, act).allowed
+        assert got == bool(ref.enforce(sub, host, path, act)), (sub, host, path, act)
