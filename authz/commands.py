@@ -42,22 +42,17 @@ def policy_error_text(exc: PolicyError, policy_dir: Path) -> str:
 async def _serve(
     config: AuthzConfig, *, on_ready: Callable[[RunningAuthz], None] | None = None
 ) -> None:
-    import asyncio
-    import signal
-
     from authz.server import start_authz
+    from citadel.eventloop import stop_signals
     from citadel.logs import get_logger
 
     running = await start_authz(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:  # a --workers supervisor waits for this
-        on_ready(running)
-    await stop.wait()
-    get_logger("authz").info("draining", grace_s=config.grace_s)
-    await running.stop()
+    async with stop_signals() as stop:  # absorbed while draining too
+        if on_ready is not None:  # a --workers supervisor waits for this
+            on_ready(running)
+        await stop.wait()
+        get_logger("authz").info("draining", grace_s=config.grace_s)
+        await running.stop()
 
 
 @app.command("serve")

@@ -43,7 +43,6 @@ __all__ = [
     "Undecodable",
     "add_to_server",
     "decode_check_request",
-    "generic_handler",
 ]
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
@@ -273,11 +272,6 @@ def _method_handlers(servicer: AuthorizationServicer) -> dict[str, grpc.RpcMetho
             response_serializer=None,  # Check returns serialized bytes
         )
     }
-
-
-def generic_handler(servicer: AuthorizationServicer) -> grpc.GenericRpcHandler:
-    """``Check`` registered with the tolerant decoder (see the module docstring)."""
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, _method_handlers(servicer))
 
 
 def add_to_server(servicer: AuthorizationServicer, server: grpc.aio.Server) -> None:

@@ -15,12 +15,14 @@ dependency where it builds (Linux, macOS).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from citadel.errors import ConfigError
 
-__all__ = ["EVENT_LOOPS", "loop_factory", "run", "running_loop_name"]
+__all__ = ["EVENT_LOOPS", "loop_factory", "run", "running_loop_name", "stop_signals"]
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 T = TypeVar("T")
@@ -58,3 +60,32 @@ def running_loop_name() -> str:
     """``uvloop`` or ``asyncio``: which loop this coroutine runs on (for start-up logs)."""
     loop = asyncio.get_running_loop()
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def stop_signals(
+    stop: asyncio.Event | None = None, *, optional: bool = False
+) -> AsyncIterator[asyncio.Event]:
+    """An event set by SIGTERM or SIGINT while the block runs; the handlers go on exit.
+
+    Every long-running command waits on one of these, then drains: what runs inside the
+    block still has SIGTERM/SIGINT absorbed, what runs after it gets the default handling
+    again. ``optional``: a loop without signal support (NotImplementedError) is tolerated
+    and the event is then only set by its owner.
+    """
+    stop = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:
+            if not optional:
+                raise
+            continue
+        installed.append(sig)
+    try:
+        yield stop
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
+import subprocess
+from pathlib import Path
 
 import pytest
+
+from citadel.audit import verify_files
 
 
 def free_port() -> int:
@@ -17,3 +23,15 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+def assert_workers_drain_on_sigterm(proc: subprocess.Popen, audit: Path, *, workers: int) -> None:
+    """SIGTERM to a ``--workers`` supervisor: exit 0, one verifying chain per worker in the
+    shared audit file, and no torn or interleaved line."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    report = verify_files([audit])
+    assert report.ok, report.problem
+    assert len(report.streams) == workers
+    for raw in audit.read_bytes().splitlines():
+        json.loads(raw)  # no line was torn or interleaved

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import grpc
 from citadel.agent.agent import Agent, AgentConfig, GiveUp
 from citadel.agent.health import start_admin_server
 from citadel.agent.sds import SdsServicer, start_sds_server
+from citadel.eventloop import stop_signals
 from citadel.logs import get_logger
 
 __all__ = ["RunningAgent", "run_agent", "run_once", "start_agent"]
@@ -96,11 +96,8 @@ async def run_agent(
         ttl_seconds=config.ttl_seconds,
     )
     running = await start_agent(config, sds_socket=sds_socket, admin=admin)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, running.stop.set)
-    await running.stop.wait()
-    _log.info("stopping")
-    await running.close()
+    async with stop_signals(running.stop, optional=True):  # absorbed while closing too
+        await running.stop.wait()
+        _log.info("stopping")
+        await running.close()
     return 0

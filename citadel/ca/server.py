@@ -13,9 +13,7 @@ port fails loudly instead of silently sharing it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from citadel.ca.limits import Limits, RateLimiter
 from citadel.ca.service import SERVICE_NAME, AccessLists, IstioCertificateServicer, add_to_server
 from citadel.ca.tokens import TokenAuthenticator
 from citadel.errors import ConfigError
+from citadel.eventloop import stop_signals
 from citadel.logs import get_logger
 
 __all__ = [
@@ -299,18 +298,12 @@ async def serve_ca(
 ) -> None:
     """Run until SIGTERM/SIGINT, then drain in-flight calls and return (exit 0)."""
     running = await start_ca(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
     try:
-        if on_ready is not None:
-            on_ready(running)
-        await stop.wait()
-        _log.info("ca.stopping", grace_seconds=grace)
+        async with stop_signals() as stop:
+            if on_ready is not None:
+                on_ready(running)
+            await stop.wait()
+            _log.info("ca.stopping", grace_seconds=grace)
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
         await running.stop(grace)
     _log.info("ca.stopped", granted=running.servicer.granted, refused=running.servicer.refused)

@@ -94,9 +94,6 @@ def _print_plane(out: Console, plane: RunningPlane, reused: bool) -> None:
 
 
 async def _run_up(config: PlaneConfig, out: Console, err: Console) -> None:
-    import asyncio
-    import signal
-
     @contextlib.contextmanager
     def step(message: str) -> Iterator[None]:
         with err.status(f"[bold]{message}[/]..."):
@@ -107,18 +104,12 @@ async def _run_up(config: PlaneConfig, out: Console, err: Console) -> None:
         verb = "[green]created[/]" if created else "[cyan]reusing[/]"
         out.print(f"{verb} {what} in {config.state_dir}")
     plane = await start_plane(config, boot)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
     try:
-        _print_plane(out, plane, reused=not (boot.created_ca or boot.created_issuer))
-        await stop.wait()
-        out.print(f"stopping: draining in-flight requests (up to {config.grace:g}s)...")
+        async with eventloop.stop_signals() as stop:
+            _print_plane(out, plane, reused=not (boot.created_ca or boot.created_issuer))
+            await stop.wait()
+            out.print(f"stopping: draining in-flight requests (up to {config.grace:g}s)...")
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
         await plane.stop()
     out.print(
         f"citadel stopped: {plane.ca.servicer.granted} certificate(s) issued, "

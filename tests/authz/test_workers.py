@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,8 +17,8 @@ from envoy.service.auth.v3 import external_auth_pb2 as ea
 from envoy.service.auth.v3 import external_auth_pb2_grpc as eag
 from google.rpc import code_pb2
 
-from citadel.audit import read_records, verify_files
-from tests.conftest import free_port
+from citadel.audit import read_records
+from tests.conftest import assert_workers_drain_on_sigterm, free_port
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
@@ -100,13 +98,7 @@ def test_two_workers_share_the_port_and_each_decides(two_workers) -> None:
 
 def test_sigterm_drains_every_worker_and_the_chains_verify(two_workers) -> None:
     proc, _port, audit = two_workers
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
-    report = verify_files([audit])
-    assert report.ok, report.problem
-    assert len(report.streams) == 2
-    for raw in audit.read_bytes().splitlines():
-        json.loads(raw)  # no line was torn or interleaved
+    assert_workers_drain_on_sigterm(proc, audit, workers=2)
 
 
 def test_a_port_already_taken_is_refused_before_any_worker_starts(tmp_path: Path) -> None:

@@ -51,3 +51,17 @@ def test_cli_refuses_unknown_loop_without_listening() -> None:
     assert result.returncode == 2
     assert "event loop 'trio'" in result.stderr
     assert "authz serving" not in result.stdout + result.stderr
+
+
+def test_stop_signals_sets_the_event_and_restores_default_handling() -> None:
+    import os
+    import signal
+
+    async def main() -> bool:
+        async with eventloop.stop_signals() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(stop.wait(), timeout=5)
+            inside = stop.is_set()
+        return inside and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    assert eventloop.run(main(), event_loop="asyncio")

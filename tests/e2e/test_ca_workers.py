@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,10 +14,10 @@ import grpc
 import pytest
 from cryptography import x509
 
-from citadel.audit import read_records, verify_files
+from citadel.audit import read_records
 from citadel.ca._proto import ca_pb2, ca_pb2_grpc
 from citadel.dev import load_dev_issuer, mint_token
-from tests.conftest import free_port
+from tests.conftest import assert_workers_drain_on_sigterm, free_port
 from tests.e2e.conftest import make_ca_state
 from tests.e2e.test_ca_grpc import csr_pem
 
@@ -92,13 +90,7 @@ def test_both_workers_issue_over_tls(state: Path, two_workers) -> None:
 
 def test_sigterm_drains_every_worker_and_the_chains_verify(two_workers) -> None:
     proc, _port, audit = two_workers
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
-    report = verify_files([audit])
-    assert report.ok, report.problem
-    assert len(report.streams) == 2
-    for raw in audit.read_bytes().splitlines():
-        json.loads(raw)  # no line was torn or interleaved
+    assert_workers_drain_on_sigterm(proc, audit, workers=2)
 
 
 def test_a_port_already_taken_is_refused_before_any_worker_starts(
