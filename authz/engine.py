@@ -144,12 +144,15 @@ def build_engine(
     *,
     functions: Mapping[str, Callable[..., Any]] | None = None,
     cache_size: int | None = None,
+    previous: Engine | None = None,
 ) -> Engine:
     """The fastest correct engine for this policy; raises PolicyError for a bad one.
 
     ``functions`` are custom matcher functions (pycasbin's ``add_function``); a model that
     needs them, or anything else the compiled engine cannot reproduce exactly, is decided
     by ``CasbinEngine`` and the reason is logged and kept as ``fallback_reason``.
+    ``previous``, the engine serving now, lets a compiled engine share the parts of its
+    index that the new revision did not change (see ``CompiledEngine``).
     """
     from authz.compiled import DEFAULT_CACHE_SIZE, CompiledEngine, analyse
 
@@ -159,6 +162,7 @@ def build_engine(
             analysis,
             revision=policy.revision,
             cache_size=DEFAULT_CACHE_SIZE if cache_size is None else cache_size,
+            previous=previous if isinstance(previous, CompiledEngine) else None,
         )
     engine = CasbinEngine(policy, functions=functions, fallback_reason=analysis.fallback_reason)
     _log.warning(

@@ -72,12 +72,15 @@ def counts_for(revision: str) -> dict[str, int]:
 
 
 def load_engine(
-    directory: str | Path, *, perf_counter: Callable[[], float] = time.perf_counter
+    directory: str | Path,
+    *,
+    perf_counter: Callable[[], float] = time.perf_counter,
+    previous: Engine | None = None,
 ) -> LoadedPolicy:
     """Read, validate and build; raise ``PolicyError`` (with file/line when known)."""
     started = perf_counter()
     policy = load_policy_dir(directory)
-    return load_engine_from(policy, started=started, perf_counter=perf_counter)
+    return load_engine_from(policy, started=started, perf_counter=perf_counter, previous=previous)
 
 
 def load_engine_from(
@@ -85,11 +88,13 @@ def load_engine_from(
     *,
     started: float | None = None,
     perf_counter: Callable[[], float] = time.perf_counter,
+    previous: Engine | None = None,
 ) -> LoadedPolicy:
-    """Validate and build an already parsed policy (e.g. one a BuildWorker read)."""
+    """Validate and build an already parsed policy (e.g. one a BuildWorker read);
+    ``previous`` is the serving engine, whose unchanged parts the new one may share."""
     started = perf_counter() if started is None else started
     try:
-        engine = build_engine(policy)
+        engine = build_engine(policy, previous=previous)
     except PolicyError:
         raise
     except Exception as exc:  # an engine bug must read as "policy refused", not a crash
@@ -135,14 +140,21 @@ def _child_parse(directory: str) -> tuple[Any, ...]:
         return _error_tuple(exc)
 
 
+#: The helper's last engine that passed its gate, per directory (one directory per
+#: serving process in practice): the next check builds incrementally from it.
+_checked: dict[str, Engine] = {}
+
+
 def _child_check(directory: str) -> tuple[Any, ...]:
     """The whole gate (parse, validate, build, probe, the directory's policy tests)."""
     from authz.reload import load_candidate
 
     try:
-        load_candidate(directory, run_tests=True)
+        _, engine = load_candidate(directory, run_tests=True, previous=_checked.get(directory))
     except PolicyError as exc:
         return _error_tuple(exc)
+    _checked.clear()
+    _checked[directory] = engine
     return ("ok",)
 
 

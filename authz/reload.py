@@ -51,7 +51,7 @@ from authz.loading import (
 )
 from authz.policy import MODEL_FILE, POLICY_FILE, Policy
 from authz.policytests import failure_error, find_test_files, load_cases, run_cases
-from authz.state import LoadOutcome, PolicyState
+from authz.state import LoadOutcome, PolicyState, build_info
 from citadel.errors import PolicyError
 from citadel.logs import get_logger
 
@@ -126,20 +126,27 @@ def fingerprint(policy_dir: str | Path) -> str:
 
 
 def load_candidate(
-    policy_dir: str | Path, *, run_tests: bool = True, worker: BuildWorker | None = None
+    policy_dir: str | Path,
+    *,
+    run_tests: bool = True,
+    worker: BuildWorker | None = None,
+    previous: Engine | None = None,
 ) -> tuple[Policy, Engine]:
     """Load, build and test a policy directory; raises PolicyError (with file/line) if bad.
 
     With a ``worker``, reading, parsing and the policy tests run in its helper process
     and only the engine build runs here (see authz/loading.py); the gate is the same.
     A vanished ``..<timestamp>`` directory (Kubernetes deletes the old generation right
-    after the swap) is retried against the new ``..data`` target.
+    after the swap) is retried against the new ``..data`` target. ``previous`` (the
+    serving engine) lets the build reuse what the new revision left unchanged.
     """
     d = Path(policy_dir)
     for attempt in range(3):
         real = resolve_dir(d)
         try:
-            return _load_from(real, source=str(d), run_tests=run_tests, worker=worker)
+            return _load_from(
+                real, source=str(d), run_tests=run_tests, worker=worker, previous=previous
+            )
         except PolicyError:
             if attempt < 2 and resolve_dir(d) != real:
                 continue  # a swap landed while we read; read the new generation
@@ -212,18 +219,24 @@ def retire(engine: Engine, *, slice_s: float = 0.001, pause: float = 0.0002) -> 
 
 
 def _load_from(
-    real: Path, *, source: str, run_tests: bool, worker: BuildWorker | None = None
+    real: Path,
+    *,
+    source: str,
+    run_tests: bool,
+    worker: BuildWorker | None = None,
+    previous: Engine | None = None,
 ) -> tuple[Policy, Engine]:
     tests = None  # the helper's run of the whole gate, tests included
     try:
         parsed = _parse_elsewhere(worker, real)
         if parsed is None:
-            loaded = load_engine(real)  # read, validate, build (and counts for /v1/policy)
+            # read, validate, build (and counts for /v1/policy)
+            loaded = load_engine(real, previous=previous)
         else:
             if run_tests and find_test_files(real):
                 with contextlib.suppress(BuildWorkerUnavailable):
                     tests = worker.check(real)  # type: ignore[union-attr]
-            loaded = load_engine_from(parsed)  # meanwhile, build here
+            loaded = load_engine_from(parsed, previous=previous)  # meanwhile, build here
     except PolicyError as exc:
         if exc.file == MODEL_FILE and exc.line is None and "matcher" in exc.message.lower():
             text = _read_text(real / MODEL_FILE)
@@ -392,6 +405,7 @@ class Reloader:
         switch_interval: float | None = None,
         isolate: bool = True,
         retire_slices: bool = True,
+        incremental: bool = True,
         on_swap: Callable[[ReloadOutcome], None] | None = None,
         on_failure: Callable[[ReloadOutcome], None] | None = None,
         name: str = "policy",
@@ -417,6 +431,8 @@ class Reloader:
         self.worker: BuildWorker | None = shared_build_worker() if isolate else None
         #: Free the replaced engine in slices (see retire) rather than in one GIL stall.
         self.retire_slices = retire_slices
+        #: Build each candidate from the serving engine, rebuilding only what changed.
+        self.incremental = incremental
         self.on_swap = on_swap
         self.on_failure = on_failure
         self.name = name
@@ -466,7 +482,10 @@ class Reloader:
         with quiet_gc(), gil_slices(self.switch_interval):
             try:
                 policy, engine = load_candidate(
-                    self.policy_dir, run_tests=self.run_tests, worker=self.worker
+                    self.policy_dir,
+                    run_tests=self.run_tests,
+                    worker=self.worker,
+                    previous=self.state.engine if self.incremental else None,
                 )
             except PolicyError as exc:
                 failure: PolicyError | None = exc
@@ -510,6 +529,7 @@ class Reloader:
             duration_s=duration,
             rules=len(policy.rows),
             cpu_s=cpu,
+            **build_info(self.state.engine),
             changed=True,
             note=f"swapped {serving} -> {self.state.revision}",
             trigger=trigger,
@@ -524,6 +544,8 @@ class Reloader:
             kind=getattr(self.state.engine, "kind", "?"),
             duration_ms=round(duration * 1000, 2),
             cpu_ms=round(cpu * 1000, 2),
+            build=out.build,
+            rows_rebuilt=out.rows_rebuilt,
             trigger=trigger,
         )
         self._callback(self.on_swap, out)

@@ -14,11 +14,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from authz.engine import Engine
 from citadel.errors import PolicyError
 
-__all__ = ["LoadOutcome", "PolicyState"]
+__all__ = ["LoadOutcome", "PolicyState", "build_info"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +35,19 @@ class LoadOutcome:
     #: CPU the loading thread of this process spent (parsing elsewhere does not count):
     #: what a reload took from the event loop that decides Checks, which shares the GIL.
     cpu_s: float = 0.0
+    #: "full", or "incremental" (rebuilt only what changed; see CompiledEngine), and how
+    #: many rows that build indexed. None for engines that do not say (pycasbin's).
+    build: str | None = None
+    rows_rebuilt: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__slots__}
+
+
+def build_info(engine: Engine) -> dict[str, Any]:
+    """``build`` and ``rows_rebuilt`` for a LoadOutcome, from what the engine reports."""
+    info = getattr(engine, "build", None) or {}
+    return {"build": info.get("mode"), "rows_rebuilt": info.get("rows_rebuilt")}
 
 
 class PolicyState:
@@ -80,6 +91,7 @@ class PolicyState:
                     duration_s=duration_s,
                     rules=rules,
                     cpu_s=cpu_s,
+                    **build_info(engine),
                 )
             )
 

@@ -246,6 +246,31 @@ def test_new_revision_starts_with_the_old_ones_hot_requests_decided(cm: ConfigMa
     assert not state.engine.decide(*PROBES[0]).cached
 
 
+def test_reload_builds_from_the_serving_engine_and_says_so(cm: ConfigMapDir) -> None:
+    """A one-row edit rebuilds only that row's subtree; every revision still decides as
+    pycasbin does; a model change, or ``incremental=False``, builds in full."""
+    state = initial_state(cm.root)
+    reloader = Reloader(state, cm.root, isolate=False)
+    for i in (1, 2, 3, 5):
+        cm.write({"model.conf": MODEL, "policy.csv": variant(i)})
+        out = reloader.reload_now()
+        assert out.changed and out.build == "incremental", out
+        assert out.rows_rebuilt is not None and out.rows_rebuilt < out.rules
+        reference = new_enforcer(Policy.from_texts(MODEL, variant(i)))
+        for probe in PROBES:
+            assert state.engine.decide(*probe).allowed == reference.enforce(*probe), (i, probe)
+    assert state.history[-1].as_dict()["build"] == "incremental"
+    cm.write({"model.conf": MODEL + "\n# a comment\n", "policy.csv": variant(5)})
+    assert reloader.reload_now().build == "incremental"  # the same model, reworded
+    allow_override = MODEL.replace(" && !some(where (p.eft == deny))", "")
+    assert allow_override != MODEL
+    cm.write({"model.conf": allow_override, "policy.csv": variant(5)})
+    assert reloader.reload_now().build == "full"  # another effect: nothing reused
+    full = Reloader(state, cm.root, isolate=False, incremental=False)
+    cm.write({"model.conf": MODEL, "policy.csv": variant(6)})
+    assert full.reload_now().build == "full"
+
+
 def test_concurrent_explicit_reloads_are_serialised(cm: ConfigMapDir) -> None:
     state = initial_state(cm.root)
     reloader = Reloader(state, cm.root)
