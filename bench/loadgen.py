@@ -20,10 +20,17 @@ client spends as little CPU as a Python client can. Each of ``connections`` chan
 its own TCP connection (a local subchannel pool), which is what spreads load across
 ``SO_REUSEPORT`` server processes.
 
+``LoadSpec(cores=...)`` pins the client process(es) to those cores before grpc starts a
+thread, and ``ServerProcess(cores=...)`` / ``ServerProcess.pin()`` keep the server on
+others (``bench/cores.py``: on a small machine a client floating over the server's
+cores makes the server's tail latency mostly the client's). Every result says which cores
+the client had and how busy it was (``client_cpu_util``: CPU seconds per wall second).
+
 CLI::
 
     python bench/loadgen.py --target 127.0.0.1:9191 --rate 1000 --duration 5
     python bench/loadgen.py --target 127.0.0.1:9191 --concurrency 32   # closed loop
+    python bench/loadgen.py --target 127.0.0.1:9191 --rate 1000 --cores 1  # client on core 1
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cores as _cores
+
 __all__ = [
     "CHECK_METHOD",
     "LoadResult",
@@ -56,6 +65,7 @@ __all__ = [
     "check_payload",
     "free_port",
     "group_cpu_seconds",
+    "group_pids",
     "h2load_path",
     "percentile",
     "run_h2load",
@@ -84,6 +94,8 @@ class LoadSpec:
     connect_timeout: float = 10.0
     #: Parse each response as a CheckResponse and count allowed / denied.
     classify: bool = True
+    #: Cores the client process(es) are pinned to (``cores.split_cores()``); None: any.
+    cores: Sequence[int] | None = None
 
 
 @dataclass
@@ -108,6 +120,16 @@ class LoadResult:
     allowed: int = 0
     denied: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
+    #: The cores the client ran on (None: not pinned).
+    client_cores: list[int] | None = None
+    #: CPU seconds the client process(es) used from the start barrier to the end, and
+    #: that divided by the wall time: near the number of client cores means the client,
+    #: not the server, was the limit (a closed-loop maximum is then the client's).
+    client_cpu_s: float = 0.0
+    client_cpu_util: float = 0.0
+    #: How late the client sent (due time to send, p99): the generator's own share of
+    #: the latency (its timers wake on millisecond ticks, its loop is busy with answers).
+    send_lag_p99_ms: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -197,6 +219,7 @@ async def _client(spec: dict, barrier) -> dict:
     # Every process is connected: start together.
     await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 30)
     t0 = clock()
+    cpu0 = time.process_time()
     measure_from = t0 + spec["warmup"]
     t_end = measure_from + spec["duration"]
 
@@ -250,9 +273,13 @@ async def _client(spec: dict, barrier) -> dict:
     worker = open_worker if rate else closed_worker
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = clock() - measure_from
+    cpu = time.process_time() - cpu0
+    wall = clock() - t0
     for ch in channels:
         await ch.close()
     return {
+        "cpu_s": cpu,
+        "wall_s": wall,
         "latencies": latencies.tobytes(),
         "service": service.tobytes(),
         "errors": dict(errors),
@@ -264,6 +291,9 @@ async def _client(spec: dict, barrier) -> dict:
 
 def _client_main(spec: dict, barrier, results) -> None:
     try:
+        if spec.get("cores"):
+            # Before grpc starts its threads, so they all inherit the mask.
+            os.sched_setaffinity(0, spec["cores"])
         results.put(asyncio.run(_client(spec, barrier)))
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -298,6 +328,7 @@ def run_load(spec: LoadSpec) -> LoadResult:
                 "timeout": spec.timeout,
                 "classify": spec.classify,
                 "connect_timeout": spec.connect_timeout,
+                "cores": sorted(spec.cores) if spec.cores else None,
             }
         )
     barrier = ctx.Barrier(procs)
@@ -322,13 +353,18 @@ def run_load(spec: LoadSpec) -> LoadResult:
     outcome: Counter[str] = Counter()
     dropped = 0
     elapsed = 0.0
+    cpu_s = 0.0
+    wall_s = 0.0
     for out in outs:
+        cpu_s += out["cpu_s"]
+        wall_s = max(wall_s, out["wall_s"])
         lat.frombytes(out["latencies"])
         svc.frombytes(out["service"])
         errors.update(out["errors"])
         outcome.update(out["outcome"])
         dropped += out["dropped"]
         elapsed = max(elapsed, out["elapsed"])
+    lag_ms = sorted((a - b) * 1000.0 for a, b in zip(lat, svc, strict=True))
     lat_ms = sorted(v * 1000.0 for v in lat)
     svc_ms = sorted(v * 1000.0 for v in svc)
     n = len(lat_ms)
@@ -353,6 +389,10 @@ def run_load(spec: LoadSpec) -> LoadResult:
         allowed=outcome.get("allowed", 0),
         denied=outcome.get("denied", 0),
         error_kinds=dict(errors),
+        client_cores=sorted(spec.cores) if spec.cores else None,
+        client_cpu_s=round(cpu_s, 3),
+        client_cpu_util=round(cpu_s / wall_s, 3) if wall_s > 0 else 0.0,
+        send_lag_p99_ms=round(percentile(lag_ms, 99), 3),
     )
 
 
@@ -449,10 +489,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU seconds (user + system) used so far by every live process in a process group."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+def _group_stats(pgid: int):
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -462,7 +499,18 @@ def group_cpu_seconds(pgid: int) -> float:
         except OSError:
             continue
         if int(fields[2]) == pgid:  # fields[2] is pgrp (field 5 of stat)
-            total += int(fields[11]) + int(fields[12])
+            yield int(entry.name), fields
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every live process in a process group (a server and its workers)."""
+    return [pid for pid, _ in _group_stats(pgid)]
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by every live process in a process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(int(f[11]) + int(f[12]) for _, f in _group_stats(pgid))
     return total / tick
 
 
@@ -493,8 +541,11 @@ class ServerProcess:
         name: str,
         log_dir: str | Path,
         env: dict[str, str] | None = None,
+        cores: Sequence[int] | None = None,
     ) -> None:
         self.name = name
+        #: The cores the server was started on (None: any); see ``pin()``.
+        self.cores = sorted(cores) if cores else None
         self.log_path = Path(log_dir) / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -503,11 +554,24 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=_cores.preexec(cores) if cores else None,
         )
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def pin(self, cores: Sequence[int] | None) -> None:
+        """Move every thread of every process in the server's group to ``cores``.
+
+        None means every core this bench may use (unpinned). Worker processes forked
+        later inherit the mask of their parent.
+        """
+        mask = sorted(cores) if cores else sorted(os.sched_getaffinity(0))
+        for pid in group_pids(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                _cores.pin(pid, mask)
+        self.cores = sorted(cores) if cores else None
 
     def log_tail(self, n: int = 20) -> str:
         with contextlib.suppress(OSError):
@@ -556,6 +620,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="orders.shop.svc.cluster.local")
     parser.add_argument("--method", default="GET")
     parser.add_argument("--path", default="/api/orders/{i}", help="{i} cycles 0..999")
+    parser.add_argument(
+        "--cores",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="pin the client process(es) to these cores, e.g. 1 or 2,3 (Linux)",
+    )
     args = parser.parse_args(argv)
     payloads = [
         check_payload(
@@ -576,6 +646,7 @@ def main(argv: list[str] | None = None) -> None:
             processes=args.processes,
             duration=args.duration,
             warmup=args.warmup,
+            cores=args.cores,
         )
     )
     json.dump({"cpu_count": os.cpu_count(), **result.as_dict()}, sys.stdout, indent=2)
