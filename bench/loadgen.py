@@ -120,7 +120,7 @@ class LoadResult:
     allowed: int = 0
     denied: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
-    #: The cores the client ran on (None: not pinned).
+    #: The cores the client process(es) ran on, read back from the kernel (None: not pinned).
     client_cores: list[int] | None = None
     #: CPU seconds the client process(es) used from the start barrier to the end, and
     #: that divided by the wall time: near the number of client cores means the client,
@@ -278,6 +278,7 @@ async def _client(spec: dict, barrier) -> dict:
     for ch in channels:
         await ch.close()
     return {
+        "cores": sorted(os.sched_getaffinity(0)) if spec["cores"] else None,
         "cpu_s": cpu,
         "wall_s": wall,
         "latencies": latencies.tobytes(),
@@ -355,7 +356,9 @@ def run_load(spec: LoadSpec) -> LoadResult:
     elapsed = 0.0
     cpu_s = 0.0
     wall_s = 0.0
+    client_cores: set[int] = set()
     for out in outs:
+        client_cores.update(out["cores"] or ())
         cpu_s += out["cpu_s"]
         wall_s = max(wall_s, out["wall_s"])
         lat.frombytes(out["latencies"])
@@ -389,7 +392,7 @@ def run_load(spec: LoadSpec) -> LoadResult:
         allowed=outcome.get("allowed", 0),
         denied=outcome.get("denied", 0),
         error_kinds=dict(errors),
-        client_cores=sorted(spec.cores) if spec.cores else None,
+        client_cores=sorted(client_cores) if spec.cores else None,
         client_cpu_s=round(cpu_s, 3),
         client_cpu_util=round(cpu_s / wall_s, 3) if wall_s > 0 else 0.0,
         send_lag_p99_ms=round(percentile(lag_ms, 99), 3),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))
 
+import cores
 import loadgen
 
 
@@ -86,3 +88,42 @@ def test_percentile_is_nearest_rank() -> None:
     assert loadgen.percentile(values, 99) == 99.0
     assert loadgen.percentile(values, 100) == 100.0
     assert loadgen.percentile([], 99) == 0.0
+
+
+@pytest.mark.skipif(not cores.can_pin(), reason="no sched_setaffinity here")
+def test_pinned_server_and_client_stay_on_their_cores(tmp_path: Path) -> None:
+    available = sorted(os.sched_getaffinity(0))
+    server_cores, client_cores = [available[0]], [available[-1]]
+    target = f"127.0.0.1:{loadgen.free_port()}"
+    payload = loadgen.check_payload(principal="", host="h", method="GET", path="/x")
+    trivial = Path(loadgen.__file__).with_name("trivial_authz.py")
+    with loadgen.ServerProcess(
+        [sys.executable, str(trivial), "--listen", target],
+        name="trivial-pinned",
+        log_dir=tmp_path,
+        cores=server_cores,
+    ) as server:
+        loadgen.wait_for_check(target, payload, timeout=20)
+        # Started pinned: every thread grpc started inherited the mask.
+        tids = os.listdir(f"/proc/{server.pid}/task")
+        assert len(tids) > 1
+        assert {t: sorted(os.sched_getaffinity(int(t))) for t in tids} == dict.fromkeys(
+            tids, server_cores
+        )
+        result = loadgen.run_load(
+            loadgen.LoadSpec(
+                target=target,
+                payloads=[payload],
+                rate=100,
+                duration=0.3,
+                warmup=0.1,
+                cores=client_cores,
+            )
+        )
+        assert result.errors == 0 and result.requests == 30
+        assert result.client_cores == client_cores  # as read back in the client process
+        assert result.client_cpu_s > 0 and result.client_cpu_util > 0
+        assert 0 <= result.send_lag_p99_ms <= result.p99_ms
+        server.pin(None)  # back to every core, live
+        assert cores.affinity(server.pid) == available
+        assert server.cores is None
