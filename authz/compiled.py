@@ -22,7 +22,7 @@ import operator
 import re
 import sys
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -117,11 +117,18 @@ def _load_model(text: str) -> Any:
     return m
 
 
-def analyse(policy: Policy, *, extra_functions: Collection[str] = ()) -> Analysis:
+def analyse(
+    policy: Policy,
+    *,
+    extra_functions: Collection[str] = (),
+    acyclic: Mapping[str, list[tuple[str, ...]]] | None = None,
+) -> Analysis:
     """Validate ``policy`` completely and decide whether it compiles.
 
     Raises PolicyError (with file and line where known) for anything pycasbin would
     refuse or fail on at request time, so the reload path can keep the last good policy.
+    ``acyclic``: role rows already proven free of cycles (the serving revision's); a role
+    definition whose rows equal them is not walked again.
     """
     m = _load_model(policy.model_text)
     r_tokens = list(m["r"]["r"].tokens)
@@ -175,7 +182,9 @@ def analyse(policy: Policy, *, extra_functions: Collection[str] = ()) -> Analysi
     )
     _load_rows(policy, analysis)
     for gkey, arity in g_arity.items():
-        _check_acyclic(gkey, arity, analysis.g_rows.get(gkey, []), policy)
+        rows = analysis.g_rows.get(gkey, [])
+        if acyclic is None or acyclic.get(gkey) != rows:
+            _check_acyclic(gkey, arity, rows, policy)
     return analysis
 
 
@@ -271,30 +280,36 @@ def _conjunct(
 def _load_rows(policy: Policy, a: Analysis) -> None:
     m = a.model
     lines: Iterable[int | None] = policy.lines or [None] * len(policy.rows)
+    kinds: dict[str, tuple[str, int]] = {}  # ptype -> (section, values it takes)
+    p_rows, p_lines = a.p_rows, a.p_lines
     for row, line in zip(policy.rows, lines, strict=False):
-        ptype, values = row[0], tuple(row[1:])
-        sec = ptype[:1]
-        defs = m[sec] if sec in ("p", "g") else None
-        if not defs or ptype not in defs:
+        ptype = row[0]
+        kind = kinds.get(ptype)
+        if kind is None:
+            sec = ptype[:1]
+            defs = m[sec] if sec in ("p", "g") else None
+            if not defs or ptype not in defs:
+                raise PolicyError(
+                    f"unknown policy type {ptype!r} (the model defines "
+                    f"{', '.join(sorted(list(m['p']) + list(m['g'] or {})))})",
+                    file=POLICY_FILE,
+                    line=line,
+                )
+            want = len(defs[ptype].tokens) if sec == "p" else a.g_arity[ptype]
+            kind = kinds[ptype] = (sec, want)
+        sec, want = kind
+        if len(row) - 1 != want:
             raise PolicyError(
-                f"unknown policy type {ptype!r} (the model defines "
-                f"{', '.join(sorted(list(m['p']) + list(m['g'] or {})))})",
-                file=POLICY_FILE,
-                line=line,
-            )
-        want = len(defs[ptype].tokens) if sec == "p" else a.g_arity[ptype]
-        if len(values) != want:
-            raise PolicyError(
-                f"{ptype} row has {len(values)} values, its definition "
-                f"'{ptype} = {defs[ptype].value}' takes {want}",
+                f"{ptype} row has {len(row) - 1} values, its definition "
+                f"'{ptype} = {m[sec][ptype].value}' takes {want}",
                 file=POLICY_FILE,
                 line=line,
             )
         if ptype == "p":
-            a.p_rows.append(values)
-            a.p_lines.append(line)
+            p_rows.append(tuple(row[1:]))
+            p_lines.append(line)
         elif sec == "g":
-            a.g_rows.setdefault(ptype, []).append(values)
+            a.g_rows.setdefault(ptype, []).append(tuple(row[1:]))
 
 
 def _check_acyclic(gkey: str, arity: int, rows: list[tuple[str, ...]], policy: Policy) -> None:
@@ -627,6 +642,10 @@ class CompiledEngine:
                         res.append(role)
                         queue.append(role)
         return res
+
+    def role_rows(self) -> dict[str, list[tuple[str, ...]]]:
+        """Role definition -> its rows, as analysed (all proven acyclic at load)."""
+        return self._g_rows
 
     def hot_keys(self, limit: int) -> list[tuple[str, str, str, str]]:
         """The most recently cached request tuples, newest last (for warming a successor)."""

@@ -156,13 +156,18 @@ def build_engine(
     """
     from authz.compiled import DEFAULT_CACHE_SIZE, CompiledEngine, analyse
 
-    analysis = analyse(policy, extra_functions=tuple(functions or ()))
+    prior = previous if isinstance(previous, CompiledEngine) else None
+    analysis = analyse(
+        policy,
+        extra_functions=tuple(functions or ()),
+        acyclic=prior.role_rows() if prior is not None else None,
+    )
     if analysis.conjuncts is not None:
         return CompiledEngine(
             analysis,
             revision=policy.revision,
             cache_size=DEFAULT_CACHE_SIZE if cache_size is None else cache_size,
-            previous=previous if isinstance(previous, CompiledEngine) else None,
+            previous=prior,
         )
     engine = CasbinEngine(policy, functions=functions, fallback_reason=analysis.fallback_reason)
     _log.warning(

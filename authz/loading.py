@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from authz.engine import Engine, build_engine
-from authz.policy import Policy, load_policy_dir, rule_counts
+from authz.policy import Policy, PolicyReader, rule_counts
 from citadel.errors import PolicyError
 from citadel.logs import get_logger
 
@@ -76,10 +76,13 @@ def load_engine(
     *,
     perf_counter: Callable[[], float] = time.perf_counter,
     previous: Engine | None = None,
+    reader: PolicyReader | None = None,
 ) -> LoadedPolicy:
-    """Read, validate and build; raise ``PolicyError`` (with file/line when known)."""
+    """Read, validate and build; raise ``PolicyError`` (with file/line when known).
+    A ``reader`` parses only what changed since its last read."""
     started = perf_counter()
-    policy = load_policy_dir(directory)
+    policy = (reader or PolicyReader()).read(directory)
+    assert policy is not None  # no limit on changed lines
     return load_engine_from(policy, started=started, perf_counter=perf_counter, previous=previous)
 
 
@@ -133,9 +136,13 @@ def _error_tuple(exc: PolicyError) -> tuple[str, str, str | None, int | None]:
     return ("error", exc.message, exc.file, exc.line)
 
 
+#: The helper's own reader: its parses, too, cover only the lines that changed.
+_reader = PolicyReader()
+
+
 def _child_parse(directory: str) -> tuple[Any, ...]:
     try:
-        return ("ok", load_policy_dir(directory))
+        return ("ok", _reader.read(directory))
     except PolicyError as exc:
         return _error_tuple(exc)
 
@@ -150,7 +157,9 @@ def _child_check(directory: str) -> tuple[Any, ...]:
     from authz.reload import load_candidate
 
     try:
-        _, engine = load_candidate(directory, run_tests=True, previous=_checked.get(directory))
+        _, engine = load_candidate(
+            directory, run_tests=True, previous=_checked.get(directory), reader=_reader
+        )
     except PolicyError as exc:
         return _error_tuple(exc)
     _checked.clear()
@@ -186,6 +195,8 @@ class BuildWorker:
         self._ready: concurrent.futures.Future[Any] | None = None
         #: Jobs that fell back to the serving process (for tests and /metrics).
         self.fallbacks = 0
+        #: Jobs handed to the helper (parses, gates, the start-up probe).
+        self.jobs = 0
 
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         with self._lock:
@@ -204,6 +215,7 @@ class BuildWorker:
             return self._pool
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        self.jobs += 1
         try:
             return self._executor().submit(fn, *args)
         except Exception as exc:  # broken pool, daemonic parent, interpreter shutting down

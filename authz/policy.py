@@ -7,6 +7,7 @@ agree on the name.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ __all__ = [
     "POLICY_FILE",
     "REQUEST_ARITY",
     "Policy",
+    "PolicyReader",
     "load_policy_dir",
     "parse_policy_rows",
     "policy_shape",
@@ -122,12 +124,14 @@ def _split_bracketed(line: str) -> list[str]:
 
 
 def parse_policy_rows(
-    text: str, *, file: str = POLICY_FILE
+    text: str | list[str], *, file: str = POLICY_FILE, first_line: int = 1
 ) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...]]:
-    """Parse policy lines the way pycasbin's file adapter does, with file:line errors."""
+    """Parse policy lines the way pycasbin's file adapter does, with file:line errors.
+    ``text`` may be lines already split on ``\\n``, the first of them ``first_line``."""
     rows: list[tuple[str, ...]] = []
     lines: list[int] = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    split = text.split("\n") if isinstance(text, str) else text
+    for lineno, line in enumerate(split, start=first_line):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -144,31 +148,114 @@ def parse_policy_rows(
     return tuple(rows), tuple(lines)
 
 
+def _read_texts(d: Path) -> tuple[str, str]:
+    texts = []
+    for name in (MODEL_FILE, POLICY_FILE):
+        try:
+            texts.append((d / name).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise PolicyError(f"{name} is missing in {d}", file=name) from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(f"cannot read {name}: {exc}", file=name) from exc
+    return texts[0], texts[1]
+
+
 def load_policy_dir(directory: str | Path) -> Policy:
     """Read ``model.conf`` and ``policy.csv`` (through symlinks, as a mounted ConfigMap has)."""
-    d = Path(directory)
-    try:
-        model_text = (d / MODEL_FILE).read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise PolicyError(f"{MODEL_FILE} is missing in {d}", file=MODEL_FILE) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"cannot read {MODEL_FILE}: {exc}", file=MODEL_FILE) from exc
-    try:
-        policy_text = (d / POLICY_FILE).read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise PolicyError(f"{POLICY_FILE} is missing in {d}", file=POLICY_FILE) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"cannot read {POLICY_FILE}: {exc}", file=POLICY_FILE) from exc
-    rows, lines = parse_policy_rows(policy_text)
-    policy = Policy(
-        model_text=model_text,
-        rows=rows,
-        revision=revision_of(model_text, policy_text),
-        source=str(d),
-        lines=lines,
-    )
-    validate_policy(policy)
+    policy = PolicyReader().read(directory)
+    assert policy is not None  # no limit on changed lines
     return policy
+
+
+class PolicyReader:
+    """Reads policy directories, parsing only the lines that changed since its last read.
+
+    A reload after a one-line edit of a 10,000-row ``policy.csv`` re-parsed and
+    re-validated every row (~50-90 ms of CPU). Parsing is line by line, so rows from
+    the unchanged lines before and after the edited span are the previous read's rows
+    (those after it renumbered), and only the span is parsed and validated. The model
+    must be the same text, or everything is read afresh. Not thread-safe: one reader per
+    reloader (reloads are serialised).
+    """
+
+    def __init__(self) -> None:
+        self._model_text: str | None = None
+        self._lines: list[str] = []
+        self._policy: Policy | None = None
+        self._pending: tuple[str, list[str], str] | None = None
+        #: Lines parsed by the last read (all of them for a full read), for tests.
+        self.last_parsed = 0
+
+    def read(self, directory: str | Path, *, max_changed: int | None = None) -> Policy | None:
+        """The directory's policy; None (nothing parsed) if more than ``max_changed``
+        lines differ from the last read, so the caller can parse it elsewhere."""
+        d = Path(directory)
+        model_text, policy_text = _read_texts(d)
+        new = policy_text.split("\n")
+        prev = self._policy
+        if prev is None or model_text != self._model_text:
+            # A first read is always done here: it is what later reads diff against.
+            span = (0, 0, len(new))
+            if prev is not None and max_changed is not None and len(new) > max_changed:
+                return self._unparsed(model_text, new, policy_text)
+        else:
+            span = _changed_span(self._lines, new)
+            if max_changed is not None and span[2] - span[1] > max_changed:
+                return self._unparsed(model_text, new, policy_text)
+        rows, lines, fresh = self._rows(new, span)
+        policy = Policy(
+            model_text=model_text,
+            rows=rows,
+            revision=revision_of(model_text, policy_text),
+            source=str(d),
+            lines=lines,
+        )
+        validate_policy(policy, only=fresh)
+        self._model_text, self._lines, self._policy = model_text, new, policy
+        self._pending = None
+        self.last_parsed = span[2] - span[1]
+        return policy
+
+    def _unparsed(self, model_text: str, lines: list[str], policy_text: str) -> None:
+        self._pending = (model_text, lines, revision_of(model_text, policy_text))
+
+    def adopt(self, policy: Policy) -> None:
+        """Take ``policy``, parsed elsewhere from the texts the last ``read`` declined, as
+        the base the next read diffs against."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[2] == policy.revision:
+            self._model_text, self._lines, self._policy = pending[0], pending[1], policy
+
+    def _rows(
+        self, new: list[str], span: tuple[int, int, int]
+    ) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...], range]:
+        """Rows and their lines for ``new``, parsing only ``new[start:stop]``; and the
+        indexes of the rows that parse produced (the ones left to validate)."""
+        old_end, start, stop = span
+        mid_rows, mid_lines = parse_policy_rows(new[start:stop], first_line=start + 1)
+        prev = self._policy
+        if prev is None or (start == 0 and stop == len(new)):
+            return mid_rows, mid_lines, range(len(mid_rows))
+        head = bisect.bisect_right(prev.lines, start)  # rows on lines 1..start
+        tail = bisect.bisect_right(prev.lines, old_end)  # rows after the old span
+        shift = stop - old_end
+        rows = prev.rows[:head] + mid_rows + prev.rows[tail:]
+        lines = prev.lines[:head] + mid_lines + tuple(n + shift for n in prev.lines[tail:])
+        return rows, lines, range(head, head + len(mid_rows))
+
+
+def _changed_span(old: list[str], new: list[str]) -> tuple[int, int, int]:
+    """(end of the changed span in ``old``, its start and end in ``new``): the lines
+    between the longest common prefix and the longest common suffix."""
+    lim = min(len(old), len(new))
+    p = 0
+    while p < lim and old[p] == new[p]:
+        p += 1
+    s = 0
+    lim -= p
+    while s < lim and old[-1 - s] == new[-1 - s]:
+        s += 1
+    return len(old) - s, p, len(new) - s
 
 
 def policy_shape(model_text: str) -> dict[str, int]:
@@ -191,13 +278,14 @@ def policy_shape(model_text: str) -> dict[str, int]:
     return shape
 
 
-def validate_policy(policy: Policy) -> None:
+def validate_policy(policy: Policy, *, only: range | None = None) -> None:
     """Refuse, with file and line, what would otherwise decide wrongly or fail per request.
 
     A request definition of other than four values cannot be called with the fixed
     ``(sub, dom, obj, act)`` contract; a row of an unknown type or with the wrong number
     of values would be silently ignored or mis-aligned by pycasbin; an effect column
-    other than allow/deny is neither and so would never count.
+    other than allow/deny is neither and so would never count. ``only``: the indexes of
+    the rows to check (the others passed against the same model before).
     """
     shape = policy_shape(policy.model_text)
     r = shape.get("r")
@@ -213,7 +301,8 @@ def validate_policy(policy: Policy) -> None:
         raise PolicyError("model has no policy definition 'p'", file=MODEL_FILE)
     eft_index = _eft_indexes(policy.model_text)
     lines = policy.lines or (None,) * len(policy.rows)
-    for row, line in zip(policy.rows, lines, strict=False):
+    for i in range(len(policy.rows)) if only is None else only:
+        row, line = policy.rows[i], lines[i]
         ptype, values = row[0], row[1:]
         want = shape.get(ptype) if ptype != "r" else None
         if want is None:

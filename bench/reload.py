@@ -242,7 +242,8 @@ def bench_size(
 VARIANTS: dict[str, dict] = {
     "cli": {},
     "default": {},
-    "before": {"isolate": False, "retire_slices": False},
+    "before": {"isolate": False, "retire_slices": False, "incremental": False},
+    "full": {"incremental": False},
     "thread": {"isolate": False},
     "no_warm": {"warm_keys": 0},
     "no_freeze": {"gc_freeze": False},

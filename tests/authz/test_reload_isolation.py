@@ -14,8 +14,22 @@ import pytest
 from authz.engine import new_enforcer
 from authz.loading import BuildWorker
 from authz.policy import Policy, load_policy_dir
-from authz.reload import Reloader, initial_state, load_candidate, retire, warm_successor
-from tests.authz.test_reload import BROKEN, MODEL, PROBES, ConfigMapDir, variant
+from authz.reload import (
+    IN_PROCESS_LINES,
+    Reloader,
+    initial_state,
+    load_candidate,
+    retire,
+    warm_successor,
+)
+from tests.authz.test_reload import BROKEN, HOST, MODEL, PROBES, ConfigMapDir, variant
+
+
+def big_variant(i: int) -> str:
+    """variant(i) plus more changed lines than a reload parses in the serving process."""
+    bulk = (f"p, role:storefront, {HOST}, /bulk{i}/{k}, ^GET$, allow" for k in range(1200))
+    assert IN_PROCESS_LINES < 1200
+    return variant(i) + "\n".join(bulk) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -84,21 +98,54 @@ def test_a_dead_helper_means_loading_in_process_then_a_new_helper(cm: ConfigMapD
         state = initial_state(cm.root)
         reloader = Reloader(state, cm.root)
         reloader.worker = w
-        cm.write({"model.conf": MODEL, "policy.csv": variant(1)})
+        assert reloader.reload_now().note == "unchanged"  # the reader's first, full read
+        cm.write({"model.conf": MODEL, "policy.csv": big_variant(1)})
         assert reloader.reload_now().changed and w.fallbacks == 0
         first = w.pid()
         assert first is not None
         os.kill(first, signal.SIGKILL)
         time.sleep(0.2)
-        cm.write({"model.conf": MODEL, "policy.csv": variant(2)})
+        cm.write({"model.conf": MODEL, "policy.csv": big_variant(2)})
         out = reloader.reload_now()
         assert out.ok and out.changed and w.fallbacks == 1  # loaded here, not refused
         assert w.wait_ready(60)  # a new helper
-        cm.write({"model.conf": MODEL, "policy.csv": variant(3)})
+        cm.write({"model.conf": MODEL, "policy.csv": big_variant(3)})
         assert reloader.reload_now().changed and w.fallbacks == 1
         assert w.pid() not in (None, first)
+        reference = new_enforcer(Policy.from_texts(MODEL, big_variant(3)))
+        for probe in PROBES:
+            assert state.engine.decide(*probe).allowed == reference.enforce(*probe), probe
     finally:
         w.close()
+
+
+def test_small_edits_parse_here_and_large_ones_in_the_helper(
+    worker: BuildWorker, cm: ConfigMapDir
+) -> None:
+    """A few changed lines cost the serving process less than a round trip to the helper;
+    more than IN_PROCESS_LINES new or changed lines go to the helper, and the next small
+    edit diffs against what the helper parsed. Every revision decides as pycasbin."""
+    state = initial_state(cm.root)
+    reloader = Reloader(state, cm.root)
+    reloader.worker = worker
+    reloader.reload_now()  # the reader's first read
+    for text, helper_parses in (
+        (variant(1), False),
+        (big_variant(2), True),
+        (big_variant(2) + "p, role:storefront, *, /one, ^GET$, allow\n", False),
+        (variant(5), False),  # 1,200 lines deleted: nothing to parse
+    ):
+        jobs = worker.jobs
+        cm.write({"model.conf": MODEL, "policy.csv": text})
+        out = reloader.reload_now()
+        assert out.ok and out.changed, out
+        assert (worker.jobs > jobs) is helper_parses
+        if not helper_parses:
+            assert reloader.reader.last_parsed <= 5
+        reference = new_enforcer(Policy.from_texts(MODEL, text))
+        for probe in [*PROBES, (PROBES[0][0], HOST, "/one", "GET")]:
+            assert state.engine.decide(*probe).allowed == reference.enforce(*probe), probe
+    assert worker.fallbacks == 0
 
 
 def test_helper_exits_when_the_serving_process_is_killed(tmp_path: Path) -> None:

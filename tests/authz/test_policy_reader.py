@@ -1,0 +1,128 @@
+"""PolicyReader parses only the lines that changed, and gets exactly what a full read gets:
+the same rows, line numbers, revision, and the same refusal (message, file, line)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from authz.policy import PolicyReader, load_policy_dir
+from citadel.errors import PolicyError
+
+MODEL = (Path(__file__).resolve().parents[2] / "policies" / "model.conf").read_text()
+OTHER_MODEL = MODEL.replace("g = _, _", "g = _, _\ng2 = _, _")
+
+LINES = [
+    "p, role:a, *, /api/:id, ^GET$, allow",
+    "p, role:b, *.shop, /x/*, ^(GET|POST)$, deny",
+    "p,role:c,h,/y,^GET$,allow",
+    "  p, role:a, h, /z, [GP]ET, allow  ",
+    "g, spiffe://td/ns/a/sa/b, role:a",
+    "g, role:a, role:b",
+    "# a comment, with commas",
+    "",
+    "   ",
+]
+BAD_LINES = [
+    "p, role:a, *, /x",  # too few values
+    "q, role:a, *, /x, GET, allow",  # unknown policy type
+    "p, role:a, *, /x, (GET, allow",  # unclosed bracket
+    "p, role:a, *, /x, GET, maybe",  # effect neither allow nor deny
+]
+
+
+def _read_full(d: Path) -> tuple[object, ...]:
+    try:
+        return ("ok", load_policy_dir(d))
+    except PolicyError as exc:
+        return ("error", exc.message, exc.file, exc.line)
+
+
+def _read(reader: PolicyReader, d: Path) -> tuple[object, ...]:
+    try:
+        return ("ok", reader.read(d))
+    except PolicyError as exc:
+        return ("error", exc.message, exc.file, exc.line)
+
+
+@st.composite
+def revisions(draw: st.DrawFn) -> list[tuple[str, list[str]]]:
+    """A first policy, then edits: splice a run of lines (insert, delete, replace)."""
+    lines = draw(st.lists(st.sampled_from(LINES), max_size=30))
+    out = [(MODEL, list(lines))]
+    for _ in range(draw(st.integers(1, 5))):
+        start = draw(st.integers(0, len(lines)))
+        stop = draw(st.integers(start, min(len(lines), start + 4)))
+        pool = LINES + BAD_LINES if draw(st.integers(0, 4)) == 0 else LINES
+        lines = lines[:start] + draw(st.lists(st.sampled_from(pool), max_size=4)) + lines[stop:]
+        model = OTHER_MODEL if draw(st.integers(0, 9)) == 0 else MODEL
+        out.append((model, list(lines)))
+    return out
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(revisions(), st.booleans())
+def test_incremental_read_equals_a_full_read(
+    tmp_path: Path, revs: list[tuple[str, list[str]]], trailing_newline: bool
+) -> None:
+    reader = PolicyReader()
+    for model, lines in revs:
+        (tmp_path / "model.conf").write_text(model)
+        (tmp_path / "policy.csv").write_text("\n".join(lines) + ("\n" if trailing_newline else ""))
+        assert _read(reader, tmp_path) == _read_full(tmp_path)
+
+
+def test_a_one_line_edit_parses_one_line(tmp_path: Path) -> None:
+    rows = [f"p, role:r{k}, *, /api/{k}, ^GET$, allow" for k in range(500)]
+    (tmp_path / "model.conf").write_text(MODEL)
+    (tmp_path / "policy.csv").write_text("\n".join(rows) + "\n")
+    reader = PolicyReader()
+    reader.read(tmp_path)
+    assert reader.last_parsed == 501  # the first read: every line
+    rows.insert(250, "p, role:new, *, /new, ^GET$, allow")
+    (tmp_path / "policy.csv").write_text("\n".join(rows) + "\n")
+    policy = reader.read(tmp_path)
+    assert reader.last_parsed == 1
+    assert policy == load_policy_dir(tmp_path)
+    assert policy.lines[-1] == 501  # the rows after the insert moved down one line
+
+
+@pytest.mark.parametrize(
+    "change",
+    [pytest.param("many-lines", id="more-lines-changed-than-allowed"), "model"],
+)
+def test_too_large_a_change_is_declined_then_adopted(tmp_path: Path, change: str) -> None:
+    rows = [f"p, role:r{k}, *, /api/{k}, ^GET$, allow" for k in range(50)]
+    (tmp_path / "model.conf").write_text(MODEL)
+    (tmp_path / "policy.csv").write_text("\n".join(rows) + "\n")
+    reader = PolicyReader()
+    reader.read(tmp_path, max_changed=5)  # a first read is always done
+    if change == "model":
+        (tmp_path / "model.conf").write_text(OTHER_MODEL)
+    else:
+        rows[10:20] = [f"p, role:x{k}, *, /b/{k}, ^GET$, allow" for k in range(10)]
+        (tmp_path / "policy.csv").write_text("\n".join(rows) + "\n")
+    assert reader.read(tmp_path, max_changed=5) is None
+    parsed_elsewhere = load_policy_dir(tmp_path)
+    reader.adopt(parsed_elsewhere)
+    rows.append("p, role:last, *, /last, ^GET$, allow")
+    (tmp_path / "policy.csv").write_text("\n".join(rows) + "\n")
+    assert reader.read(tmp_path, max_changed=5) == load_policy_dir(tmp_path)
+    assert reader.last_parsed == 1  # diffed against what was adopted
+
+
+def test_adopt_ignores_a_policy_from_other_texts(tmp_path: Path) -> None:
+    (tmp_path / "model.conf").write_text(MODEL)
+    (tmp_path / "policy.csv").write_text("p, a, *, /a, GET, allow\n")
+    reader = PolicyReader()
+    first = reader.read(tmp_path)
+    (tmp_path / "policy.csv").write_text("".join(f"p, a, *, /{k}, GET, allow\n" for k in range(9)))
+    assert reader.read(tmp_path, max_changed=2) is None
+    reader.adopt(first)  # not what was declined: the reader keeps its own last read
+    assert reader.read(tmp_path) == load_policy_dir(tmp_path)
+    assert reader.last_parsed == 9
