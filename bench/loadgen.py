@@ -67,10 +67,13 @@ __all__ = [
     "group_cpu_seconds",
     "group_pids",
     "h2load_path",
+    "machine_busy_seconds",
+    "own_cpu_seconds",
     "percentile",
     "run_h2load",
     "run_load",
     "wait_for_check",
+    "wait_quiet",
 ]
 
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
@@ -515,6 +518,36 @@ def group_cpu_seconds(pgid: int) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     total = sum(int(f[11]) + int(f[12]) for _, f in _group_stats(pgid))
     return total / tick
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has been busy so far (``/proc/stat``).
+
+    Minus what a bench's own processes used over the same span, this is other people's
+    work on the box: a trial it disturbed is not evidence about the server.
+    """
+    with open("/proc/stat") as fh:
+        f = [int(x) for x in fh.readline().split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (the load generators it ran)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def wait_quiet(budget: float, *, threshold: float = 0.15, window: float = 0.4) -> float:
+    """Wait at most ``budget`` s until the whole machine is busy less than ``threshold``
+    cores (the servers under test idle between runs, so busy cores are someone else's)."""
+    waited = 0.0
+    while waited < budget:
+        busy0 = machine_busy_seconds()
+        time.sleep(window)
+        waited += window
+        if (machine_busy_seconds() - busy0) / window < threshold:
+            break
+    return round(waited, 2)
 
 
 def wait_for_check(target: str, payload: bytes, *, timeout: float = 30.0) -> None:
