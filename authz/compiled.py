@@ -450,6 +450,13 @@ class CompiledEngine:
         self._eft_at = analysis.p_tokens.index("p_eft") if "p_eft" in analysis.p_tokens else None
         #: first-level key -> subtree (what the first level's node was made from).
         self._top: dict[str, Any] = {}
+        #: This build's identity; the identity of the build it shares subtrees with, and
+        #: the first-level keys it rebuilt (set by an incremental build, same roles).
+        self._token = object()
+        self._base: object | None = None
+        self._changed: frozenset[str] = frozenset()
+        #: Keys ``warm`` took from the source engine instead of deciding them.
+        self.warm_carried = 0
         self._root = self._build(delta, previous)
         #: row id (-1: none decided) -> (decision, the same marked cached), built on first
         #: use and then shared: a frozen dataclass costs a fifth of a decision, and
@@ -540,6 +547,10 @@ class CompiledEngine:
             top = dict(previous._top)
             for key in keys:
                 top.pop(key, None)
+            # What warm(source=previous) needs to tell a shared subtree from a rebuilt
+            # one; only names and values, never previous itself (see reload.retire).
+            if previous._g_rows == self._g_rows:
+                self._base, self._changed = previous._token, frozenset(keys)
             self.build = {"mode": "incremental", "rows_rebuilt": 0, "subtrees_rebuilt": 0}
         groups: dict[str, list[tuple[tuple[str, ...], int, bool]]] = {}
         for item in self._items(keys):
@@ -652,13 +663,49 @@ class CompiledEngine:
         keys = list(self._cache)  # one C-level copy; safe beside concurrent decide()
         return keys[-limit:] if limit > 0 else []
 
-    def warm(self, keys: Iterable[tuple[str, str, str, str]]) -> int:
-        """Decide ``keys`` now so the first live requests after a swap hit the cache."""
+    def warm(self, keys: Iterable[tuple[str, str, str, str]], *, source: Any = None) -> int:
+        """Decide ``keys`` now so the first live requests after a swap hit the cache.
+
+        With ``source``, the engine this one was built from incrementally, a key whose
+        request reaches only first-level subtrees this build shared takes the row that
+        decided it there (same nodes, same leaves, same row id) without walking the
+        index again: about a tenth of a decision. Every other key is decided afresh.
+        """
+        carry = self._carrier(source)
         n = 0
         for key in keys:
-            self.decide(*key)
+            if carry is None or not carry(key):
+                self.decide(*key)
             n += 1
         return n
+
+    def _carrier(self, source: Any) -> Callable[[tuple[str, str, str, str]], bool] | None:
+        if (
+            type(source) is not CompiledEngine
+            or self._base is not source._token
+            or not self._levels
+            or self._levels[0].func not in ("g", "==")
+        ):
+            return None
+        changed = self._changed
+        level, ri = self._levels[0], self._levels[0].ri
+        names = getattr(level, "names", None) or (lambda req: (req[ri],))
+        rows_of = {id(pair[1]): rid for rid, pair in list(source._decide_table.items())}
+        old_cache, cache, table = source._cache, self._cache, self._decide_table
+        limit = self._cache_size
+
+        def carry(key: tuple[str, str, str, str]) -> bool:
+            rid = rows_of.get(id(old_cache.get(key)))
+            if rid is None or not changed.isdisjoint(names(key)) or len(cache) >= limit:
+                return False
+            pair = table.get(rid)
+            if pair is None:
+                pair = table[rid] = self._decision_pair(rid)
+            cache[key] = pair[1]
+            self.warm_carried += 1
+            return True
+
+        return carry
 
     def cache_info(self) -> dict[str, int]:
         return {"size": len(self._cache), "max": self._cache_size}

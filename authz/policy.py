@@ -8,7 +8,9 @@ agree on the name.
 from __future__ import annotations
 
 import bisect
+import collections
 import hashlib
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -341,7 +343,4 @@ def _eft_indexes(model_text: str) -> dict[str, int]:
 
 def rule_counts(policy: Policy) -> dict[str, int]:
     """Rows per ptype, for the status endpoint."""
-    counts: dict[str, int] = {}
-    for row in policy.rows:
-        counts[row[0]] = counts.get(row[0], 0) + 1
-    return counts
+    return dict(collections.Counter(map(operator.itemgetter(0), policy.rows)))

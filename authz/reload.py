@@ -183,7 +183,7 @@ def warm_successor(
         for i in range(0, len(keys), max(chunk, 1)):
             if i:
                 time.sleep(pause)
-            done += int(warm(keys[i : i + chunk]))
+            done += int(warm(keys[i : i + chunk], source=old))
         return done
     except Exception:  # a request the new policy cannot decide is decided live (and denied)
         log.warning("cache warm-up skipped", exc_info=True)
