@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -118,6 +119,7 @@ def test_pinned_server_and_client_stay_on_their_cores(tmp_path: Path) -> None:
                 duration=0.3,
                 warmup=0.1,
                 cores=client_cores,
+                event_loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
             )
         )
         assert result.errors == 0 and result.requests == 30
