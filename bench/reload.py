@@ -17,7 +17,9 @@ rps open loop from another process; phases alternate between no reloads (the bas
 and the policy directory swapped the kubelet way every ``--swap-every`` seconds. Check
 p50/p99/max per phase, the ratio, every reload's disk-to-serving time (from the server's
 own ``/v1/policy`` history, whose ``at`` is the swap's wall-clock time) and the CPU each
-reload took in the serving process (``cpu_s``: GIL time the event loop lost).
+reload took in the serving process (``cpu_s``: GIL time the event loop lost). With
+``--pin auto`` (the default where there are two cores or more) the server runs on its own
+core(s) and the load generator on the others (bench/cores.py); ``pinning`` says which.
 
     python bench/reload.py [--quick] [--threads 2] [--seconds 2] [--check-seconds 5]
     python bench/reload.py --only check --variants before,default   # experiments
@@ -337,7 +339,9 @@ def match_reloads(
     return total, cpu, skipped
 
 
-def check_phase(target: str, payloads: list[bytes], seconds: float, warmup: float) -> dict:
+def check_phase(
+    target: str, payloads: list[bytes], seconds: float, warmup: float, client_cores=None
+) -> dict:
     import loadgen
 
     r = loadgen.run_load(
@@ -348,13 +352,18 @@ def check_phase(target: str, payloads: list[bytes], seconds: float, warmup: floa
             concurrency=64,
             duration=seconds,
             warmup=warmup,
+            cores=sorted(client_cores) if client_cores else None,
         )
     )
     keep = ("achieved_rps", "requests", "errors", "dropped", "p50_ms", "p99_ms", "max_ms")
     return {k: r.as_dict()[k] for k in keep}
 
 
-def check_variant(name: str, args: argparse.Namespace, work: Path) -> dict:
+def check_variant(name: str, args: argparse.Namespace, work: Path, split=None) -> dict:
+    """One server variant: baseline phases and phases with a swap every ``swap_every``
+    seconds, alternating. With ``split`` the server (and the reload helper it spawns) runs
+    on the server cores and the load generator on the others, as a client on another
+    machine would; the swapper (the kubelet's part) stays with the client."""
     import loadgen
     from check_service import citadel_cmd, payloads_for
 
@@ -371,7 +380,10 @@ def check_variant(name: str, args: argparse.Namespace, work: Path) -> dict:
     else:
         argv = [sys.executable, str(Path(__file__).resolve()), "--serve", name, *common]
     phases: list[dict] = []
-    with loadgen.ServerProcess(argv, name=f"reload-{name}", log_dir=work) as server:
+    server_cores, client_cores = split if split else (None, None)
+    with loadgen.ServerProcess(
+        argv, name=f"reload-{name}", log_dir=work, cores=server_cores
+    ) as server:
         loadgen.wait_for_check(target, payloads[0], timeout=120)
         k = 0
         for i in range(args.rounds * 2):
@@ -379,7 +391,7 @@ def check_variant(name: str, args: argparse.Namespace, work: Path) -> dict:
             swapper = Swapper(cm, gen, args.swap_every, k) if reloads else None
             if swapper:
                 swapper.start()
-            phase = check_phase(target, payloads, args.check_seconds, args.warmup)
+            phase = check_phase(target, payloads, args.check_seconds, args.warmup, client_cores)
             if swapper:
                 swapper.stop.set()
                 swapper.join()
@@ -433,12 +445,21 @@ def check_variant(name: str, args: argparse.Namespace, work: Path) -> dict:
 
 
 def check_level(args: argparse.Namespace) -> dict:
+    import cores
+
     work = Path(tempfile.mkdtemp(prefix="citadel-bench-reload-"))
+    split = cores.split_cores(args.pin)
+    before = cores.affinity() if split else None
     try:
-        results = [check_variant(v, args, work) for v in args.variants]
+        if split:
+            cores.pin_self(split[1])  # the swapper thread runs here
+        results = [check_variant(v, args, work, split) for v in args.variants]
     finally:
+        if before:
+            cores.pin_self(before)
         shutil.rmtree(work, ignore_errors=True)
     return {
+        "pinning": cores.describe(split),
         "rules": CHECK_RULES,
         "offered_rps": CHECK_RATE,
         "swap_every_s": args.swap_every,
@@ -459,6 +480,12 @@ def main() -> None:
     )
     ap.add_argument("--only", choices=("decide", "check"), help="one half of the bench")
     ap.add_argument("--variants", type=lambda s: s.split(","), default=["cli"])
+    ap.add_argument(
+        "--pin",
+        choices=("auto", "off"),
+        default="auto",
+        help="Check level: server on its own core(s), load generator on the others",
+    )
     ap.add_argument("--check-seconds", type=float, default=5.0, help="Check phase length")
     ap.add_argument("--rounds", type=int, default=2, help="baseline+reload phase pairs")
     ap.add_argument("--swap-every", type=float, default=1.5)
