@@ -16,6 +16,9 @@ servers pinned to one half of the cores and the load generator to the other
 client on another machine, and again unpinned (everything shares every core, as before);
 the pinned figure is the headline and ``pinning`` says which cores each side had. A
 pinned closed-loop maximum of both servers is reported too. ``--pin off`` never pins.
+Pinned servers cannot dodge other work on their core, so every trial records
+``other_cores`` (machine-wide busy time minus the bench's own processes): the verdict is
+the median of the quiet trials, and there is none when most trials were disturbed.
 
 Prints one JSON object: every figure, the baselines, the ratios, targets met or not, and
 ``cpu_count``. ``--quick`` shortens every run (a smoke test, not a measurement).
@@ -544,7 +547,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quiet-wait",
         type=float,
-        default=20.0,
+        default=10.0,
         help="seconds, in all, to wait for an idle machine before p99 trials",
     )
     p.add_argument("--quick", action="store_true", help="short runs: a smoke test")
