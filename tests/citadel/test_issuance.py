@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from citadel.ca.authority import Authority, init_authority
+from citadel.ca.authority import Authority, end_entity_key_usage, init_authority
 from citadel.ca.issuance import Issuer, parse_csr
 from citadel.ca.tokens import Caller
 from citadel.errors import AuthorityError, CitadelError, InvalidRequest, PermissionDenied
@@ -107,6 +107,45 @@ def test_leaf_is_an_x509_svid(issuer: Issuer, authority: Authority, key: object)
     assert out.serial == leaf.serial_number > 2**64
     assert out.chain_pem[1:] == authority.chain_pem
     assert x509.load_pem_x509_certificate(out.pem.encode()) == leaf
+
+
+@pytest.mark.parametrize(
+    "key",
+    [ec.generate_private_key(ec.SECP256R1()), rsa.generate_private_key(65537, 2048)],
+    ids=["ec-p256", "rsa-2048"],
+)
+def test_pre_encoded_extensions_are_the_typed_ones_byte_for_byte(
+    issuer: Issuer, authority: Authority, key: object
+) -> None:
+    """The constant extensions go to the builder as DER; the TBS must be what the typed
+    values would have produced (same order, criticality and encoding)."""
+    leaf = issuer.issue(CALLER, make_csr(key)).certificate
+    typed = [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (end_entity_key_usage(rsa_key=isinstance(key, rsa.RSAPrivateKey)), True),
+        (
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            False,
+        ),
+        (x509.SubjectAlternativeName([_uri(WEB)]), True),
+        (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),  # type: ignore[attr-defined]
+        (authority.authority_key_identifier, False),
+    ]
+    builder = (
+        x509.CertificateBuilder()
+        .issuer_name(authority.signing_cert.subject)
+        .subject_name(x509.Name([]))
+        .public_key(key.public_key())  # type: ignore[attr-defined]
+        .serial_number(leaf.serial_number)
+        .not_valid_before(leaf.not_valid_before_utc)
+        .not_valid_after(leaf.not_valid_after_utc)
+    )
+    for value, critical in typed:
+        builder = builder.add_extension(value, critical=critical)
+    rebuilt = builder.sign(authority.key, authority.hash_algorithm)
+    assert rebuilt.tbs_certificate_bytes == leaf.tbs_certificate_bytes
 
 
 def test_validity_default_backdate_and_ttl(issuer: Issuer) -> None:
