@@ -70,6 +70,16 @@ class AccessLists:
             frozenset(deny_service_accounts),
         )
 
+    @property
+    def empty(self) -> bool:
+        """No list set: every authenticated caller passes (the check can be skipped)."""
+        return not (
+            self.allow_namespaces
+            or self.deny_namespaces
+            or self.allow_service_accounts
+            or self.deny_service_accounts
+        )
+
     def check(self, caller: Caller) -> None:
         ns, sa = caller.namespace, f"{caller.namespace}/{caller.service_account}"
         if ns in self.deny_namespaces:
@@ -133,6 +143,8 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         self._issuer = issuer
         self._audit = audit
         self._access = access or AccessLists()
+        self._check_access = None if self._access.empty else self._access.check
+        self._authenticator_name = getattr(authenticator, "name", "")
         self._limiter = limiter or RateLimiter(Limits(rate=0, identity_rate=0))
         self._max_in_flight = max_in_flight or (
             self._limiter.limits.max_in_flight if limiter else DEFAULT_MAX_IN_FLIGHT
@@ -162,7 +174,7 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
             "granted_ttl": None,
             "key_type": None,
             "peer": context.peer(),
-            "authenticator": getattr(self._authenticator, "name", ""),
+            "authenticator": self._authenticator_name,
             "reason": None,
         }
         self._in_flight += 1
@@ -195,7 +207,7 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
                 raise AssertionError("unreachable") from None
             try:
-                self._audit.record(AUDIT_KIND, record)
+                self._audit.append(AUDIT_KIND, record)
             except AuditError as exc:
                 _log.error("ca.issuance.audit_failed", error=exc.message, serial=record["serial"])
                 self.refused += 1
@@ -225,7 +237,8 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
             record["pod_uid"] = caller.pod_uid
         record["spiffe_id"] = str(self._issuer.spiffe_id_for(caller))
         self._limiter.check_identity(caller.subject)
-        self._access.check(caller)
+        if self._check_access is not None:
+            self._check_access(caller)
         issued = self._issuer.issue(caller, request.csr, requested_ttl=request.validity_duration)
         record.update(
             outcome="granted",
@@ -239,7 +252,7 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
 
     def _write_refusal(self, record: dict[str, Any]) -> None:
         try:
-            self._audit.record(AUDIT_KIND, record)
+            self._audit.append(AUDIT_KIND, record)
         except AuditError as exc:
             _log.error("ca.issuance.audit_failed", error=exc.message, outcome="refused")
 
