@@ -38,6 +38,7 @@ from casbin.constant.constants import (
 from casbin.model.function import FunctionMap
 
 from authz.matchers import PATTERN_FUNCTIONS, Level, compile_pattern, make_level, trie_exact
+from authz.policy import common_affixes
 from citadel.errors import PolicyError
 
 if TYPE_CHECKING:
@@ -742,14 +743,7 @@ class _RowDelta:
         a, b = old._rows, new._rows
         if not a or not b:
             return None
-        lim = min(len(a), len(b))
-        p = 0
-        while p < lim and a[p] == b[p]:
-            p += 1
-        s = 0
-        lim -= p
-        while s < lim and a[-1 - s] == b[-1 - s]:
-            s += 1
+        p, s = common_affixes(a, b)
         added = len(b) - p - s
         ids = old._ids
         lo = ids[p - 1] if p else 0

@@ -11,6 +11,7 @@ import bisect
 import collections
 import hashlib
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ __all__ = [
     "REQUEST_ARITY",
     "Policy",
     "PolicyReader",
+    "common_affixes",
     "load_policy_dir",
     "parse_policy_rows",
     "policy_shape",
@@ -249,15 +251,34 @@ class PolicyReader:
 def _changed_span(old: list[str], new: list[str]) -> tuple[int, int, int]:
     """(end of the changed span in ``old``, its start and end in ``new``): the lines
     between the longest common prefix and the longest common suffix."""
-    lim = min(len(old), len(new))
-    p = 0
-    while p < lim and old[p] == new[p]:
-        p += 1
-    s = 0
-    lim -= p
-    while s < lim and old[-1 - s] == new[-1 - s]:
-        s += 1
+    p, s = common_affixes(old, new)
     return len(old) - s, p, len(new) - s
+
+
+def common_affixes(a: Sequence[object], b: Sequence[object]) -> tuple[int, int]:
+    """Lengths of the longest common prefix and of the longest common suffix of ``a`` and
+    ``b`` that do not overlap. Compared a block at a time (one C-level comparison per
+    block), so two 10,000-line revisions differing in one line cost ~0.1 ms, not a
+    Python loop over every line."""
+    lim = min(len(a), len(b))
+    p = _common_run(a, b, 0, lim, 1)
+    s = _common_run(a, b, 0, lim - p, -1)
+    return p, s
+
+
+def _common_run(a: Sequence[object], b: Sequence[object], start: int, lim: int, step: int) -> int:
+    """How many items match from the front (step 1) or the back (step -1), at most lim."""
+    n, block = start, 256
+    na, nb = len(a), len(b)
+    while block:
+        while n + block <= lim and (
+            a[n : n + block] == b[n : n + block]
+            if step == 1
+            else a[na - n - block : na - n] == b[nb - n - block : nb - n]
+        ):
+            n += block
+        block //= 4
+    return n
 
 
 def policy_shape(model_text: str) -> dict[str, int]:

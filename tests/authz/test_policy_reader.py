@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz.policy import PolicyReader, load_policy_dir
+from authz.policy import PolicyReader, common_affixes, load_policy_dir
 from citadel.errors import PolicyError
 
 MODEL = (Path(__file__).resolve().parents[2] / "policies" / "model.conf").read_text()
@@ -126,3 +126,31 @@ def test_adopt_ignores_a_policy_from_other_texts(tmp_path: Path) -> None:
     reader.adopt(first)  # not what was declined: the reader keeps its own last read
     assert reader.read(tmp_path) == load_policy_dir(tmp_path)
     assert reader.last_parsed == 9
+
+
+def _affixes_by_loop(a: list[str], b: list[str]) -> tuple[int, int]:
+    lim = min(len(a), len(b))
+    p = 0
+    while p < lim and a[p] == b[p]:
+        p += 1
+    s = 0
+    while s < lim - p and a[-1 - s] == b[-1 - s]:
+        s += 1
+    return p, s
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from("ab"), max_size=1500),
+    st.integers(0, 1500),
+    st.lists(st.sampled_from("abc"), max_size=600),
+    st.integers(0, 600),
+)
+def test_common_affixes_equal_a_plain_loop(
+    base: list[str], at: int, insert: list[str], cut: int
+) -> None:
+    """Block-wise comparison finds the same prefix and suffix as comparing one by one,
+    including long runs (past the 256-item blocks) and overlapping repeats."""
+    edited = base[:at] + insert + base[at + cut :]
+    assert common_affixes(base, edited) == _affixes_by_loop(base, edited)
+    assert common_affixes(edited, base) == _affixes_by_loop(edited, base)
