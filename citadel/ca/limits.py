@@ -6,7 +6,7 @@ late, after their deadlines, and does the work anyway. This module makes the CA 
 the excess *fast* with ``RESOURCE_EXHAUSTED`` and a retry hint, so callers back off
 (istio-agent and citadel's agent both honour it) and the CA keeps serving what it can.
 
-Three independent limits, each cheap to check and bounded in memory:
+Four independent limits, each cheap to check and bounded in memory:
 
 - a concurrency cap (calls inside the servicer at once): bounds memory and the latency
   of what is admitted;
@@ -15,7 +15,11 @@ Three independent limits, each cheap to check and bounded in memory:
 - a per-identity token bucket keyed by the verified token subject, checked *after*
   verification (keyed on an unverified claim, a forger could drain a victim's bucket):
   one misbehaving workload cannot starve the rest. Many pods share one service account,
-  so the default burst is generous enough for a rollout of a few hundred replicas.
+  so the default burst is generous enough for a rollout of a few hundred replicas;
+- a deadline floor: a call that reaches the servicer with less than ``min_time_left`` of
+  its deadline left (it waited in gRPC's own queue behind a storm) is shed before any
+  work. Issuing it would sign a certificate the caller has already given up on; shedding
+  it is audited and carries a retry hint like every other shed.
 
 The per-identity table is an LRU of at most ``max_identities`` buckets; evicting one only
 forgets a partly drained bucket, never grants more than ``burst`` at once.
@@ -44,6 +48,7 @@ __all__ = [
     "DEFAULT_IDENTITY_BURST",
     "DEFAULT_IDENTITY_RATE",
     "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MIN_TIME_LEFT",
     "DEFAULT_RATE",
     "MAX_DRAIN_HINT",
     "DrainEstimate",
@@ -61,6 +66,9 @@ DEFAULT_IDENTITY_BURST: Final = 400.0
 #: Calls inside the servicer at once (waiting on TokenReview, signing, auditing).
 DEFAULT_MAX_IN_FLIGHT: Final = 512
 MAX_IDENTITIES: Final = 100_000
+#: Seconds of deadline a call must still have when it reaches the servicer (0: no floor).
+#: Well under any sane CSR timeout, well over what an issuance costs on a busy CA.
+DEFAULT_MIN_TIME_LEFT: Final = 0.05
 #: The longest retry hint a shed caller is given (seconds); agents cap what they obey too.
 MAX_DRAIN_HINT: Final = 30
 
@@ -96,6 +104,8 @@ class Limits:
     identity_burst: float | None = None
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_identities: int = MAX_IDENTITIES
+    #: Calls arriving with less of their deadline left are shed (calls without one never).
+    min_time_left: float = DEFAULT_MIN_TIME_LEFT
 
     def __post_init__(self) -> None:
         for label, value in (
@@ -109,6 +119,8 @@ class Limits:
                 raise ConfigError(f"rate-limit {label} must be at least 1")
         if self.max_in_flight < 1:
             raise ConfigError("--max-in-flight must be at least 1")
+        if not math.isfinite(self.min_time_left) or self.min_time_left < 0:
+            raise ConfigError("--min-time-left must be a number of seconds >= 0")
         if self.max_identities < 1:
             raise ConfigError("the per-identity table needs room for at least one identity")
 

@@ -150,6 +150,7 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
             self._limiter.limits.max_in_flight if limiter else DEFAULT_MAX_IN_FLIGHT
         )
         self._drain = drain or DrainEstimate()
+        self._min_time_left = self._limiter.limits.min_time_left
         self._in_flight = 0
         self.granted = 0
         self.refused = 0
@@ -189,6 +190,8 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
                         retry_after=hint,
                         reason="too_many_in_flight",
                     )
+                if self._min_time_left:
+                    self._check_time_left(context.time_remaining())
                 self._limiter.check_global()
                 admitted = True
                 issued = await self._issue(request, context, record)
@@ -221,6 +224,19 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
             self._in_flight -= 1
             if admitted:
                 self._drain.completed()
+
+    def _check_time_left(self, left: float | None) -> None:
+        """Shed a call that waited in gRPC's queue until its deadline is nearly gone."""
+        if left is None or left >= self._min_time_left:
+            return
+        hint = self._drain.shed_hint(self._in_flight - 1)
+        raise Overloaded(
+            f"the request reached the CA with {left * 1000:.0f} ms of its deadline left "
+            f"(the CA needs {self._min_time_left * 1000:.0f} ms); it is busy, "
+            f"retry after {hint:g} s",
+            retry_after=hint,
+            reason="deadline_too_close",
+        )
 
     async def _issue(
         self,

@@ -27,6 +27,7 @@ from citadel.ca.limits import (
     DEFAULT_IDENTITY_BURST,
     DEFAULT_IDENTITY_RATE,
     DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MIN_TIME_LEFT,
     DEFAULT_RATE,
     Limits,
 )
@@ -374,6 +375,15 @@ def serve(
         int,
         typer.Option("--max-in-flight", help="Calls in progress at once; more are shed."),
     ] = DEFAULT_MAX_IN_FLIGHT,
+    min_time_left: Annotated[
+        float,
+        typer.Option(
+            "--min-time-left",
+            help="Seconds of its deadline a call must have left when the CA gets to it; "
+            "less (it queued behind a storm) is shed with a retry hint instead of issuing "
+            "a certificate the caller gave up on. 0: no floor.",
+        ),
+    ] = DEFAULT_MIN_TIME_LEFT,
     key_passphrase_file: PassphraseFile = None,
     key_passphrase_env: PassphraseEnv = None,
     allow_group_readable_key: AllowGroupReadable = False,
@@ -433,6 +443,7 @@ def serve(
             identity_rate=rate_limit_per_identity,
             identity_burst=rate_limit_per_identity_burst,
             max_in_flight=max_in_flight,
+            min_time_left=min_time_left,
         )
         directory = cacerts_dir(state_dir)
         authority = load_authority(

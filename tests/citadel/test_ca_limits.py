@@ -87,9 +87,11 @@ def test_defaults_fit_a_rollout() -> None:
         {"burst": 0.5},
         {"identity_burst": 0},
         {"max_in_flight": 0},
+        {"min_time_left": -0.1},
+        {"min_time_left": float("nan")},
     ],
     ids=["negative-rate", "nan-rate", "infinite-identity-rate", "burst-below-one",
-         "identity-burst-zero", "no-in-flight"],
+         "identity-burst-zero", "no-in-flight", "negative-time-left", "nan-time-left"],
 )  # fmt: skip
 def test_bad_limits_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):

@@ -280,6 +280,34 @@ def test_concurrency_cap_sheds_fast(ca_state: Path, tmp_path: Path) -> None:
         channel.close()
 
 
+def test_call_arriving_with_too_little_deadline_is_shed_before_any_work(
+    ca_state: Path, tmp_path: Path
+) -> None:
+    """A call that queued in gRPC behind a storm until its deadline is nearly gone is shed
+    (audited, retry hint) instead of being issued a certificate its caller gave up on.
+    The floor is set high here so a 3 s deadline is "too little" without a real storm."""
+    limits = Limits(rate=0, identity_rate=0, min_time_left=5.0)
+    with running_ca(ca_state, limits=limits, audit_path=tmp_path / "a.log") as h:
+        token = h.token()
+        channel = h.channel()
+        md = [("authorization", f"Bearer {token}")]
+        request = ca_pb2.IstioCertificateRequest(csr=CSRS[0])
+        with pytest.raises(grpc.RpcError) as info:
+            h.stub(channel).CreateCertificate(request, metadata=md, timeout=3)
+        err = info.value
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert "deadline left" in err.details() and "retry after" in err.details()
+        assert _to_fetch_error(err, "a certificate", "ca").retry_after is not None
+        assert _create(h, token, channel) == grpc.StatusCode.OK  # 10 s left: served
+        h.stub(channel).CreateCertificate(request, metadata=md)  # no deadline: never shed
+        channel.close()
+        records = h.audit_records()
+        assert [r["outcome"] for r in records] == ["refused", "granted", "granted"]
+        shed = records[0]
+        assert shed["reason"] == "deadline_too_close" and shed["retry_after"] >= 1
+        assert shed["spiffe_id"] is None, "shed before the token was even looked at"
+
+
 def test_defaults_do_not_trip_a_renewal_wave(ca_state: Path, tmp_path: Path) -> None:
     """200 pods of one service account renewing at once pass the default limits."""
     with running_ca(ca_state, audit_path=tmp_path / "a.log") as h:
