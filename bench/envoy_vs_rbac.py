@@ -456,26 +456,6 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy (every core, /proc/stat)."""
-    with open("/proc/stat") as fh:
-        f = [int(x) for x in fh.readline().split()[1:]]
-    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-
-
-def wait_quiet(budget: float, *, threshold: float = 0.15, window: float = 0.4) -> float:
-    """Wait (at most ``budget`` s) until the machine is idle apart from a trickle; our own
-    servers are idle between trials, so busy cores now are other people's work."""
-    waited = 0.0
-    while waited < budget:
-        busy0 = machine_busy_seconds()
-        time.sleep(window)
-        waited += window
-        if (machine_busy_seconds() - busy0) / window < threshold:
-            break
-    return waited
-
-
 def spread(values: list[float]) -> dict:
     values = sorted(values)
     return {
@@ -626,9 +606,9 @@ def run(args: argparse.Namespace) -> dict:
         for t in range(args.trials):
             for v in order if t % 2 == 0 else order[::-1]:
                 if quiet_budget > 0:
-                    quiet_budget -= wait_quiet(min(quiet_budget, 3.0))
+                    quiet_budget -= loadgen.wait_quiet(min(quiet_budget, 3.0))
                 cpu0 = {role: cpu_seconds(pid, children=True) for role, pid in pids.items()}
-                busy0, wall0 = machine_busy_seconds(), time.monotonic()
+                busy0, wall0 = loadgen.machine_busy_seconds(), time.monotonic()
                 if v == "check_direct":
                     r = check_direct(f"127.0.0.1:{citadel_port}", payloads, args)
                 else:
@@ -647,7 +627,7 @@ def run(args: argparse.Namespace) -> dict:
                     role: round(sec * 1000 / max(sent, 1), 3) for role, sec in used.items()
                 }
                 # Cores used by anything else on the machine meanwhile: a disturbed trial.
-                other = machine_busy_seconds() - busy0 - sum(used.values())
+                other = loadgen.machine_busy_seconds() - busy0 - sum(used.values())
                 r["other_cores"] = round(max(other, 0.0) / (time.monotonic() - wall0), 2)
                 lat, audit_end = audit_latencies_us(audit_path, audit_end)
                 if v in audit_us:
