@@ -172,13 +172,13 @@ def test_watch_sees_editor_rename_and_in_place_writes(tmp_path: Path) -> None:
         tmp.write_text(variant(1))
         os.replace(tmp, d / "policy.csv")
         rev1 = Policy.from_texts(MODEL, variant(1)).revision
-        wait_for(lambda: getattr(reloader.last_outcome, "revision", None) == rev1)
+        wait_for(lambda: getattr(reloader.last_outcome, "revision", None) == rev1, timeout=10)
         assert reloader.last_outcome is not None and reloader.last_outcome.trigger == "watch"
         # A shell redirect: truncate and write in place.
         with open(d / "policy.csv", "w") as fh:
             fh.write(variant(2))
         rev2 = Policy.from_texts(MODEL, variant(2)).revision
-        wait_for(lambda: reloader.last_outcome.revision == rev2)
+        wait_for(lambda: reloader.last_outcome.revision == rev2, timeout=10)
         assert reloader.last_outcome.trigger == "watch"
     finally:
         reloader.stop()
