@@ -9,6 +9,16 @@ the servicer's audited refusals carry a hint; gRPC's own concurrent-RPC backstop
 not), errors (must be 0), the CA's CPU time, and in the same run a baseline: one agent
 renewing sequentially over a warm channel.
 
+Where the excess goes: the CA's gRPC (grpc.aio) takes one new call per event-loop turn,
+so in a storm the backlog waits in grpc-core's queue of calls not yet handed to Python.
+grpc-core sheds from that queue by itself (``grpc.server.max_pending_requests``, 1,000,
+then randomly more up to a hard 3,000): those callers see CANCELLED, no hint, and the CA
+never saw them (nothing verified, nothing issued, so no audit record). Calls that reach the
+servicer with less than ``--min-time-left`` of their deadline are shed there (audited,
+hinted: ``deadline_too_close``). ``ca_audit.granted_not_delivered`` counts certificates
+issued to callers that had already given up (audited grants minus renewals minus the
+baseline's).
+
 Each agent is real (``citadel.agent.Agent``): its own service-account token (distinct
 namespace/name, minted by the dev issuer and verified by the CA through JWKS), a fresh
 P-256 key and CSR per attempt, the returned chain verified against the bundle, the set
@@ -221,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="ca serve --workers")
     p.add_argument("--quick", action="store_true", help="1,000 agents: a smoke test")
+    p.add_argument(
+        "--min-time-left",
+        type=float,
+        default=None,
+        help="pass to ca serve (default: the CA's own; 0 disables the deadline floor)",
+    )
     args = p.parse_args(argv)
     n = 1000 if args.quick else args.agents
     configure_logging(level="error", json=True)  # stderr; stdout is the JSON result
@@ -242,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             "--audit-log", str(audit), "--log-level", "error",
             "--workers", str(args.workers),
         ]  # fmt: skip
+        if args.min_time_left is not None:
+            argv_ca += ["--min-time-left", str(args.min_time_left)]
         with loadgen.ServerProcess(argv_ca, name="ca", log_dir=work) as server:
             result = asyncio.run(
                 storm(
@@ -256,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             server.check_alive()
         audited = audit_outcomes(audit)
+    baseline_grants = 1 + result["baseline_sequential"]["rounds"]  # warm-up + rounds
+    audited["granted_not_delivered"] = (
+        audited.get("granted", 0) - result["renewed"] - baseline_grants
+    )
 
     base = result["baseline_sequential"]
     out = {
@@ -271,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "connections": args.connections,
             "ca_workers": args.workers,
             "key_type": "ec-p256",
+            "ca_min_time_left": args.min_time_left,
         },
         "storm": result,
         "ca_audit": audited,
