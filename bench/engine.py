@@ -11,6 +11,7 @@ the ratios and ``os.cpu_count()``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -63,7 +64,10 @@ def _summary(rates: list[float]) -> dict[str, float]:
 
 def compiled_figures(sizes: tuple[int, ...], n_requests: int, rounds: int) -> dict[str, dict]:
     """Rounds interleave the sizes so both see the same machine load; every round uses a
-    fresh engine and an unseen slice of distinct requests, so each decision is a miss."""
+    fresh engine and an unseen slice of distinct requests, so each decision is a miss.
+    Each fresh engine is frozen out of the cyclic GC before it is timed, as the server
+    freezes every engine it loads: otherwise a full collection scanning the 10,000-rule
+    engine lands inside some rounds and not others (medians swung ±30% between runs)."""
     setups = {}
     for n in sizes:
         pol = generate(n, seed=0)
@@ -86,11 +90,22 @@ def compiled_figures(sizes: tuple[int, ...], n_requests: int, rounds: int) -> di
         for n in sizes:
             _, policy, reqs, _, _, _ = setups[n]
             fresh = build_engine(policy)
+            gc.collect()
+            gc.freeze()  # as the server does after every load (authz/server.py, reload.py)
             w, c = _timed(fresh.decide, reqs[k * n_requests : (k + 1) * n_requests])
+            del fresh
+            gc.unfreeze()
             wall[n].append(w)
             cpu[n].append(c)
 
-    out = {}
+    out: dict[str, dict] = {}
+    if len(sizes) == 2:
+        # Each round's larger-policy rate over the smaller one's, measured back to back:
+        # this machine's speed drifts ±30% over seconds, and a pair shares the drift.
+        small, large = sorted(sizes)
+        pairs = [b / a for a, b in zip(cpu[small], cpu[large], strict=True)]
+        out["paired"] = {"ratio_median": round(statistics.median(pairs), 3),
+                         "ratios": [round(r, 3) for r in pairs]}  # fmt: skip
     for n in sizes:
         pol, policy, reqs, parse_s, builds, build_cpu = setups[n]
         engine = build_engine(policy)
@@ -152,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         args.rounds, args.pycasbin_seconds = 3, 1.5
 
     compiled = compiled_figures((10, 10_000), args.requests, args.rounds)
+    paired = compiled.pop("paired")
     small, large = compiled["10"], compiled["10000"]
     py_small = pycasbin_figures(10, args.pycasbin_seconds)
     py_large = pycasbin_figures(10_000, args.pycasbin_seconds)
@@ -166,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         "pycasbin_enforce": {"10": py_small, "10000": py_large},
         "ratios": {
             "compiled_miss_10k_over_10_cpu": round(large_cpu / small_cpu, 3),
+            "compiled_miss_10k_over_10_cpu_paired": paired["ratio_median"],
+            "paired_round_ratios": paired["ratios"],
             "compiled_miss_over_pycasbin_10": round(small_cpu / py_small["decisions_per_s"], 1),
             "compiled_miss_over_pycasbin_10k": round(large_cpu / py_large["decisions_per_s"], 1),
             "compiled_hit_over_miss_10k": round(large["hit_per_s_cpu"] / large_cpu, 2),
@@ -174,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
             "miss_10k_at_least_per_s": target,
             "miss_10k_met_cpu_median": large_cpu >= target,
             "miss_10k_met_wall_best": large["miss_per_s_wall"]["best"] >= target,
-            "within_2x_of_10_rules": large_cpu * 2 >= small_cpu,
+            # Judged on the median of per-round ratios (each round measures both sizes
+            # back to back); the ratio of the two medians is in ``ratios`` beside it.
+            "within_2x_of_10_rules": paired["ratio_median"] >= 0.5,
             "build_10k_under_s": 1.0,
             "build_10k_met_wall": large["build_s"] < 1.0,
             "build_10k_met_cpu": large["build_cpu_s"] < 1.0,
