@@ -225,25 +225,9 @@ async def drive(
     }
 
 
-def _group_pids(pgid: int) -> list[int]:
-    """Every live process of a process group (the CA and its ``--workers`` children)."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
-
-
 def pin_server(pgid: int, cpus: frozenset[int]) -> list[int]:
     """Pin every thread of every process of the CA's group; the cores read back."""
-    for pid in _group_pids(pgid):
+    for pid in loadgen.group_pids(pgid):
         with contextlib.suppress(ProcessLookupError):
             cores.pin(pid, cpus)
     return cores.affinity(pgid)
