@@ -38,6 +38,7 @@ from casbin.constant.constants import (
 from casbin.model.function import FunctionMap
 
 from authz.matchers import PATTERN_FUNCTIONS, Level, compile_pattern, make_level, trie_exact
+from authz.pacing import breathe
 from authz.policy import common_affixes
 from citadel.errors import PolicyError
 
@@ -171,6 +172,7 @@ def analyse(
     if extra_functions:
         reasons.append("custom functions " + ", ".join(sorted(extra_functions)))
 
+    breathe()
     analysis = Analysis(
         model=m,
         r_tokens=r_tokens,
@@ -182,6 +184,7 @@ def analyse(
         g_arity=g_arity,
     )
     _load_rows(policy, analysis)
+    breathe()
     for gkey, arity in g_arity.items():
         rows = analysis.g_rows.get(gkey, [])
         if acyclic is None or acyclic.get(gkey) != rows:
@@ -283,7 +286,9 @@ def _load_rows(policy: Policy, a: Analysis) -> None:
     lines: Iterable[int | None] = policy.lines or [None] * len(policy.rows)
     kinds: dict[str, tuple[str, int]] = {}  # ptype -> (section, values it takes)
     p_rows, p_lines = a.p_rows, a.p_lines
-    for row, line in zip(policy.rows, lines, strict=False):
+    for n, (row, line) in enumerate(zip(policy.rows, lines, strict=False)):
+        if not n & 511:
+            breathe()
         ptype = row[0]
         kind = kinds.get(ptype)
         if kind is None:
@@ -521,7 +526,9 @@ class CompiledEngine:
         keep_deny = self._effect != ALLOW_OVERRIDE_EFFECT
         pj = self._levels[0].pj if keys is not None else 0
         items: list[tuple[tuple[str, ...], int, bool]] = []
-        for row, rid in zip(self._rows, self._ids, strict=True):
+        for n, (row, rid) in enumerate(zip(self._rows, self._ids, strict=True)):
+            if not n & 1023:
+                breathe()
             if keys is not None and row[pj] not in keys:
                 continue
             eft = row[eft_at] if eft_at is not None else "allow"

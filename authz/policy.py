@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from authz.pacing import breathe
 from citadel.errors import PolicyError
 
 __all__ = [
@@ -195,7 +196,9 @@ class PolicyReader:
         lines differ from the last read, so the caller can parse it elsewhere."""
         d = Path(directory)
         model_text, policy_text = _read_texts(d)
+        breathe()
         new = policy_text.split("\n")
+        breathe()
         prev = self._policy
         if prev is None or model_text != self._model_text:
             # A first read is always done here: it is what later reads diff against.
@@ -206,7 +209,9 @@ class PolicyReader:
             span = _changed_span(self._lines, new)
             if max_changed is not None and span[2] - span[1] > max_changed:
                 return self._unparsed(model_text, new, policy_text)
+        breathe()
         rows, lines, fresh = self._rows(new, span)
+        breathe()
         policy = Policy(
             model_text=model_text,
             rows=rows,

@@ -49,6 +49,7 @@ from authz.loading import (
     load_engine_from,
     shared_build_worker,
 )
+from authz.pacing import breathe, paced
 from authz.policy import MODEL_FILE, POLICY_FILE, Policy, PolicyReader
 from authz.policytests import failure_error, find_test_files, load_cases, run_cases
 from authz.state import LoadOutcome, PolicyState, build_info
@@ -184,6 +185,7 @@ def warm_successor(
             if i:
                 time.sleep(pause)
             done += int(warm(keys[i : i + chunk], source=old))
+            breathe()
         return done
     except Exception:  # a request the new policy cannot decide is decided live (and denied)
         log.warning("cache warm-up skipped", exc_info=True)
@@ -424,6 +426,7 @@ class Reloader:
         isolate: bool = True,
         retire_slices: bool = True,
         incremental: bool = True,
+        pace_s: float | None = 0.0005,
         on_swap: Callable[[ReloadOutcome], None] | None = None,
         on_failure: Callable[[ReloadOutcome], None] | None = None,
         name: str = "policy",
@@ -451,6 +454,9 @@ class Reloader:
         self.retire_slices = retire_slices
         #: Build each candidate from the serving engine, rebuilding only what changed.
         self.incremental = incremental
+        #: The reload thread pauses this long after each this long of work (see
+        #: authz/pacing.py), so a waiting event loop gets the GIL; None: no pauses.
+        self.pace_s = pace_s
         #: This reloader's parses of its directory, diffed line by line (see PolicyReader).
         self.reader = PolicyReader()
         self.on_swap = on_swap
@@ -499,7 +505,7 @@ class Reloader:
             return self._failed(err, t0, trigger, note=f"directory {fp}, kept {serving}")
         self.directory_missing = False
         # No GC pass while building, nor between the swap and the freeze (see quiet_gc).
-        with quiet_gc(), gil_slices(self.switch_interval):
+        with quiet_gc(), gil_slices(self.switch_interval), paced(self.pace_s, self.pace_s):
             try:
                 policy, engine = load_candidate(
                     self.policy_dir,
