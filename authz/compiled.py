@@ -430,7 +430,6 @@ class CompiledEngine:
             self._ids = list(range(ROW_ID_STEP, ROW_ID_STEP * (len(self._rows) + 1), ROW_ID_STEP))
         else:
             self._ids = delta.ids
-        assert previous is None or delta is None or previous._shape == self._shape
         if delta is not None and previous is not None and previous._g_rows == self._g_rows:
             self._direct = previous._direct
             self._names = dict(previous._names)
