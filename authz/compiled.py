@@ -430,7 +430,8 @@ class CompiledEngine:
             self._ids = list(range(ROW_ID_STEP, ROW_ID_STEP * (len(self._rows) + 1), ROW_ID_STEP))
         else:
             self._ids = delta.ids
-        if delta is not None and previous is not None and previous._g_rows == self._g_rows:
+        same_roles = previous is not None and delta is not None and previous._g_rows == self._g_rows
+        if previous is not None and same_roles:
             self._direct = previous._direct
             self._names = dict(previous._names)
         else:
@@ -451,7 +452,7 @@ class CompiledEngine:
         )
         self._plan_key = operator.itemgetter(*fields) if fields else (lambda _req: None)
         self._plans: dict[Any, tuple[Any, ...]] = {}
-        _validate_patterns(analysis, delta.new_span if delta else None)
+        _validate_patterns(analysis, delta.new_span(len(self._rows)) if delta else None)
         self._eft_at = analysis.p_tokens.index("p_eft") if "p_eft" in analysis.p_tokens else None
         #: first-level key -> subtree (what the first level's node was made from).
         self._top: dict[str, Any] = {}
@@ -462,7 +463,7 @@ class CompiledEngine:
         self._changed: frozenset[str] = frozenset()
         #: Keys ``warm`` took from the source engine instead of deciding them.
         self.warm_carried = 0
-        self._root = self._build(delta, previous)
+        self._root = self._build(delta, previous, same_roles=same_roles)
         #: row id (-1: none decided) -> (decision, the same marked cached), built on first
         #: use and then shared: a frozen dataclass costs a fifth of a decision, and
         #: building all of them up front would slow every load.
@@ -538,7 +539,9 @@ class CompiledEngine:
             # any other eft is Effector.INDETERMINATE: it can never change the outcome
         return items
 
-    def _build(self, delta: _RowDelta | None, previous: CompiledEngine | None) -> Any:
+    def _build(
+        self, delta: _RowDelta | None, previous: CompiledEngine | None, *, same_roles: bool
+    ) -> Any:
         if not self._rows:
             # pycasbin evaluates the matcher once with every policy field "" and counts a
             # match as allow (with no row to explain it): id 0, decided in _decision_pair.
@@ -556,7 +559,7 @@ class CompiledEngine:
                 top.pop(key, None)
             # What warm(source=previous) needs to tell a shared subtree from a rebuilt
             # one; only names and values, never previous itself (see reload.retire).
-            if previous._g_rows == self._g_rows:
+            if same_roles:
                 self._base, self._changed = previous._token, frozenset(keys)
             self.build = {"mode": "incremental", "rows_rebuilt": 0, "subtrees_rebuilt": 0}
         groups: dict[str, list[tuple[tuple[str, ...], int, bool]]] = {}
@@ -768,14 +771,15 @@ class _RowDelta:
         ]
 
     def new_span(self, count: int) -> range:
+        """Indexes of the arrived rows among the new revision's ``count`` rows."""
         return range(self.prefix, count - self.suffix)
 
 
-def _validate_patterns(a: Analysis, span: Callable[[int], range] | None = None) -> None:
+def _validate_patterns(a: Analysis, span: range | None = None) -> None:
     """Compile every distinct pattern once (only the rows in ``span`` for an incremental
     build: the others passed when they arrived); a broken regex is refused at load."""
     assert a.conjuncts is not None
-    rows = range(len(a.p_rows)) if span is None else span(len(a.p_rows))
+    rows = range(len(a.p_rows)) if span is None else span
     seen: set[tuple[str, str]] = set()
     for c in a.conjuncts:
         if c.func in ("==", "g", "keyMatch"):

@@ -5,13 +5,15 @@ read of a ConfigMap and the swap); start-up, the watcher and ``POST /v1/reload``
 through it, so every path into serving passes the same gate.
 
 Why a helper process (``BuildWorker``): the serving process decides every Check on one
-event loop, and any Python work a reload does there takes the GIL from that loop. Reading
-and parsing a 10,000-row ``policy.csv`` is half of a reload's CPU, and a directory's own
-policy tests can be any size; the helper does both on another core and hands back only
-the parsed ``Policy`` (plain tuples: unpickling it costs a few ms). The serving process
-still builds its own engine from that value (engines hold closures and compiled regexes,
-which do not cross processes cheaply). Anything wrong with the helper (it cannot start,
-it died, it hangs) makes the reload do the same work in process: the gate never weakens.
+event loop, and any Python work a reload does there takes the GIL from that loop. Parsing
+a large change to ``policy.csv`` (or all of it, after a model change) and a directory's
+own policy tests, which can be any size, run in the helper on another core; it hands back
+only the parsed ``Policy`` (plain tuples: unpickling it costs a few ms). Small edits are
+parsed in the serving process by a ``PolicyReader`` (a few changed lines cost less than
+the round trip). The serving process builds its own engine either way (engines hold
+closures and compiled regexes, which do not cross processes cheaply). Anything wrong with
+the helper (it cannot start, it died, it hangs) makes the reload do the same work in
+process: the gate never weakens.
 """
 
 from __future__ import annotations

@@ -353,15 +353,13 @@ class _GlobNode:
         self.memo: dict[str, tuple[Node, ...]] = {}
 
 
-class _GlobLevel(Level):
+class _GlobLevel(_ListLevel):
     """globMatch: like ``_ListLevel``, with each node's answers memoised per value."""
 
     __slots__ = ()
 
     def make_node(self, children: Mapping[str, Node]) -> Node:
-        return _GlobNode(
-            tuple((compile_pattern(self.func, p), child) for p, child in children.items())
-        )
+        return _GlobNode(super().make_node(children))
 
     def expand(self, frontier: list[Node], req: tuple[str, ...]) -> list[Node]:
         value = req[self.ri]

@@ -139,8 +139,9 @@ def load_candidate(
 ) -> tuple[Policy, Engine]:
     """Load, build and test a policy directory; raises PolicyError (with file/line) if bad.
 
-    With a ``worker``, reading, parsing and the policy tests run in its helper process
-    and only the engine build runs here (see authz/loading.py); the gate is the same.
+    With a ``worker``, a large change (or a model change) is parsed and the directory's
+    policy tests run in its helper process, and the engine is built here (see
+    authz/loading.py); the gate is the same.
     A vanished ``..<timestamp>`` directory (Kubernetes deletes the old generation right
     after the swap) is retried against the new ``..data`` target. ``previous`` (the
     serving engine) lets the build reuse what the new revision left unchanged, and a
@@ -376,38 +377,6 @@ def quiet_gc() -> Any:
                 gc.enable()
 
 
-_si_lock = threading.Lock()
-_si_depth = 0
-_si_saved = 0.005
-
-
-@contextlib.contextmanager
-def gil_slices(interval: float | None) -> Any:
-    """A shorter GIL switch interval while a policy builds (re-entrant; None: unchanged).
-
-    The event loop serving Checks gives the GIL up at every socket wait; a thread that is
-    building a policy then keeps it for a whole switch interval (5 ms by default) before
-    CPython makes it hand back, so each loop iteration waited up to 5 ms and Check p99
-    rose a hundredfold during a reload. Shorter slices bound that wait.
-    """
-    global _si_depth, _si_saved
-    if interval is None:
-        yield
-        return
-    with _si_lock:
-        if _si_depth == 0:
-            _si_saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(interval, _si_saved))
-        _si_depth += 1
-    try:
-        yield
-    finally:
-        with _si_lock:
-            _si_depth -= 1
-            if _si_depth == 0:
-                sys.setswitchinterval(_si_saved)
-
-
 class Reloader:
     """Keeps ``state`` serving the newest valid policy found in ``policy_dir``."""
 
@@ -422,7 +391,6 @@ class Reloader:
         run_tests: bool = True,
         gc_freeze: bool = True,
         warm_keys: int = 2048,
-        switch_interval: float | None = None,
         isolate: bool = True,
         retire_slices: bool = True,
         incremental: bool = True,
@@ -445,8 +413,6 @@ class Reloader:
         #: How many of the serving engine's most recent requests the new engine decides
         #: before the swap (0: none), so a reload does not start from a cold cache.
         self.warm_keys = warm_keys
-        #: GIL switch interval while a build runs (see gil_slices); None leaves it alone.
-        self.switch_interval = switch_interval
         #: Parse and test candidates in a helper process (authz/loading.py BuildWorker),
         #: so only the engine build takes the serving process's GIL.
         self.worker: BuildWorker | None = shared_build_worker() if isolate else None
@@ -505,7 +471,7 @@ class Reloader:
             return self._failed(err, t0, trigger, note=f"directory {fp}, kept {serving}")
         self.directory_missing = False
         # No GC pass while building, nor between the swap and the freeze (see quiet_gc).
-        with quiet_gc(), gil_slices(self.switch_interval), paced(self.pace_s, self.pace_s):
+        with quiet_gc(), paced(self.pace_s, self.pace_s):
             try:
                 policy, engine = load_candidate(
                     self.policy_dir,

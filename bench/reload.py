@@ -252,10 +252,6 @@ VARIANTS: dict[str, dict] = {
     "thread": {"isolate": False},
     "no_warm": {"warm_keys": 0},
     "no_freeze": {"gc_freeze": False},
-    "si_1ms": {"switch_interval": 0.001},
-    "si_250us": {"switch_interval": 0.00025},
-    "si_50us": {"switch_interval": 0.00005},
-    "thread_si_1ms": {"isolate": False, "switch_interval": 0.001},
 }
 CHECK_RULES = 10000
 CHECK_RATE = 1000.0

@@ -183,11 +183,8 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         try:
             try:
                 if self._in_flight > self._max_in_flight:
-                    hint = self._drain.shed_hint(self._in_flight - 1)
-                    raise Overloaded(
-                        f"the CA has {self._max_in_flight} requests in progress, its limit; "
-                        f"retry after {hint:g} s",
-                        retry_after=hint,
+                    raise self._shed(
+                        f"the CA has {self._max_in_flight} requests in progress, its limit",
                         reason="too_many_in_flight",
                     )
                 if self._min_time_left:
@@ -229,14 +226,16 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         """Shed a call that waited in gRPC's queue until its deadline is nearly gone."""
         if left is None or left >= self._min_time_left:
             return
-        hint = self._drain.shed_hint(self._in_flight - 1)
-        raise Overloaded(
+        raise self._shed(
             f"the request reached the CA with {left * 1000:.0f} ms of its deadline left "
-            f"(the CA needs {self._min_time_left * 1000:.0f} ms); it is busy, "
-            f"retry after {hint:g} s",
-            retry_after=hint,
+            f"(the CA needs {self._min_time_left * 1000:.0f} ms); it is busy",
             reason="deadline_too_close",
         )
+
+    def _shed(self, why: str, *, reason: str) -> Overloaded:
+        """A refusal whose retry hint is spread over the time the CA needs to drain."""
+        hint = self._drain.shed_hint(self._in_flight - 1)
+        return Overloaded(f"{why}; retry after {hint:g} s", retry_after=hint, reason=reason)
 
     async def _issue(
         self,
