@@ -8,48 +8,35 @@ regexes), ending in leaves that hold the first allow row and the first deny row 
 rows that reach them. A decision walks a few small nodes and combines leaves with the
 policy effect exactly as ``casbin.effect.default_effectors`` does.
 
-``analyse`` reads the model with pycasbin's own parser (so names, comments and escaping
-are pycasbin's), validates the policy, and either returns what ``CompiledEngine`` needs
-or says why only pycasbin itself can decide this model (``fallback_reason``).
+What the engine is built from, the model and the validated rows, is
+``authz.analysis.analyse``'s work (re-exported here).
 """
 
 from __future__ import annotations
 
-import ast
 import bisect
 import contextlib
 import operator
 import re
 import sys
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from casbin import model as casbin_model
-from casbin import util as casbin_util
-from casbin.constant.constants import (
-    ALLOW_AND_DENY_EFFECT,
-    ALLOW_OVERRIDE_EFFECT,
-    DENY_OVERRIDE_EFFECT,
-    PRIORITY_EFFECT,
-    SUBJECT_PRIORITY_EFFECT,
-)
-from casbin.model.function import FunctionMap
+from casbin.constant.constants import ALLOW_OVERRIDE_EFFECT, DENY_OVERRIDE_EFFECT
 
-from authz.matchers import PATTERN_FUNCTIONS, Level, compile_pattern, make_level, trie_exact
+from authz.analysis import POLICY_FILE, Analysis, Conjunct, analyse
+from authz.matchers import Level, compile_pattern, make_level, trie_exact
 from authz.pacing import breathe
 from authz.policy import common_affixes
 from citadel.errors import PolicyError
 
 if TYPE_CHECKING:
     from authz.engine import Decision
-    from authz.policy import Policy
 
 __all__ = ["Analysis", "CompiledEngine", "Conjunct", "analyse"]
 
-MODEL_FILE = "model.conf"
-POLICY_FILE = "policy.csv"
 #: pycasbin's default RoleManager(10): ``has_link`` looks at most 9 links deep.
 MAX_HIERARCHY_LEVEL = 10
 DEFAULT_CACHE_SIZE = 65_536
@@ -59,305 +46,6 @@ _NONE = sys.maxsize  # "no row" in a leaf; any real row id is smaller
 #: Spacing of row ids in a fully built engine: 2**32 inserts fit between two rows before
 #: an incremental build has to renumber (a full build), and 10**8 rows stay below _NONE.
 ROW_ID_STEP = 1 << 32
-
-_SECTIONS = {
-    "r": "request_definition",
-    "p": "policy_definition",
-    "e": "policy_effect",
-    "m": "matchers",
-}
-_COMPILED_EFFECTS = (ALLOW_OVERRIDE_EFFECT, DENY_OVERRIDE_EFFECT, ALLOW_AND_DENY_EFFECT)
-_BUILTINS = frozenset(FunctionMap.load_function_map().get_functions())
-
-
-@dataclass(frozen=True, slots=True)
-class Conjunct:
-    """``func(r.<ri>, p.<pj>)``; for roles ``func`` is "g" and ``gkey`` names the role
-    definition, ``dom_ri`` the request field a domain role definition is looked up in."""
-
-    func: str
-    ri: int
-    pj: int
-    gkey: str | None = None
-    dom_ri: int | None = None
-
-
-@dataclass(slots=True)
-class Analysis:
-    """A validated model + policy, and whether the compiled engine can decide it."""
-
-    model: Any  # casbin.model.Model
-    r_tokens: list[str]
-    p_tokens: list[str]
-    effect: str
-    matcher: str
-    conjuncts: list[Conjunct] | None
-    fallback_reason: str | None
-    #: ptype "p" rows (values only) in policy order, with their csv lines.
-    p_rows: list[tuple[str, ...]] = field(default_factory=list)
-    p_lines: list[int | None] = field(default_factory=list)
-    #: role definition key -> its rows (values only), in policy order.
-    g_rows: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)
-    g_arity: dict[str, int] = field(default_factory=dict)
-
-
-def _rewrite(expr: str) -> str:
-    """pycasbin's ``_get_expression`` rewrite of a matcher into Python syntax."""
-    expr = expr.replace("&&", "and").replace("||", "or")
-    return re.sub(r"!(?!=)", "not ", expr)
-
-
-def _load_model(text: str) -> Any:
-    m = casbin_model.Model()
-    try:
-        m.load_model_from_text(text)
-    except Exception as exc:  # pycasbin's config parser raises bare exceptions
-        raise PolicyError(f"model does not parse: {exc}", file=MODEL_FILE) from exc
-    for sec, name in _SECTIONS.items():
-        if m[sec] is None or sec not in m[sec]:
-            raise PolicyError(f"model has no [{name}] with '{sec} = ...'", file=MODEL_FILE)
-    return m
-
-
-def analyse(
-    policy: Policy,
-    *,
-    extra_functions: Collection[str] = (),
-    acyclic: Mapping[str, list[tuple[str, ...]]] | None = None,
-) -> Analysis:
-    """Validate ``policy`` completely and decide whether it compiles.
-
-    Raises PolicyError (with file and line where known) for anything pycasbin would
-    refuse or fail on at request time, so the reload path can keep the last good policy.
-    ``acyclic``: role rows already proven free of cycles (the serving revision's); a role
-    definition whose rows equal them is not walked again.
-    """
-    m = _load_model(policy.model_text)
-    r_tokens = list(m["r"]["r"].tokens)
-    if len(r_tokens) != 4:
-        raise PolicyError(
-            "request definition must take exactly 4 values (sub, dom, obj, act), "
-            f"got {len(r_tokens)}: r = {m['r']['r'].value}",
-            file=MODEL_FILE,
-        )
-    p_tokens = list(m["p"]["p"].tokens)
-    effect = m["e"]["e"].value
-    reasons: list[str] = []
-    if effect in (PRIORITY_EFFECT, SUBJECT_PRIORITY_EFFECT):
-        reasons.append(f"priority effect {effect!r}")
-    elif effect not in _COMPILED_EFFECTS:
-        raise PolicyError(f"unsupported policy effect {effect!r}", file=MODEL_FILE)
-    if "p_priority" in p_tokens:
-        reasons.append("policy definition has a priority column")
-
-    g_arity: dict[str, int] = {}
-    for gkey, assertion in (m["g"] or {}).items():
-        count = assertion.value.count("_")
-        if count < 2:
-            raise PolicyError(
-                f"role definition {gkey} = {assertion.value} needs at least two '_'",
-                file=MODEL_FILE,
-            )
-        if assertion.params_tokens:
-            reasons.append(f"conditional role definition {gkey}")
-        elif count > 3:
-            reasons.append(f"role definition {gkey} with {count} fields")
-        g_arity[gkey] = count
-
-    matcher = m["m"]["m"].value
-    functions = set(_BUILTINS) | set(g_arity) | set(extra_functions)
-    conjuncts, reason = _analyse_matcher(matcher, r_tokens, p_tokens, functions, g_arity, m)
-    if reason:
-        reasons.append(reason)
-    if extra_functions:
-        reasons.append("custom functions " + ", ".join(sorted(extra_functions)))
-
-    breathe()
-    analysis = Analysis(
-        model=m,
-        r_tokens=r_tokens,
-        p_tokens=p_tokens,
-        effect=effect,
-        matcher=matcher,
-        conjuncts=None if reasons else conjuncts,
-        fallback_reason="; ".join(reasons) or None,
-        g_arity=g_arity,
-    )
-    _load_rows(policy, analysis)
-    breathe()
-    for gkey, arity in g_arity.items():
-        rows = analysis.g_rows.get(gkey, [])
-        if acyclic is None or acyclic.get(gkey) != rows:
-            _check_acyclic(gkey, arity, rows, policy)
-    return analysis
-
-
-def _analyse_matcher(
-    matcher: str,
-    r_tokens: list[str],
-    p_tokens: list[str],
-    functions: set[str],
-    g_arity: dict[str, int],
-    m: Any,
-) -> tuple[list[Conjunct], str | None]:
-    if casbin_util.has_eval(matcher):
-        return [], "matcher uses eval()"
-    try:
-        body = ast.parse(_rewrite(matcher).strip()).body
-    except SyntaxError as exc:
-        raise PolicyError(f"matcher does not parse: {exc.msg}: {matcher}", file=MODEL_FILE) from exc
-    if len(body) != 1 or not isinstance(body[0], ast.Expr):
-        raise PolicyError(f"matcher is not one expression: {matcher!r}", file=MODEL_FILE)
-    tree = body[0].value
-    names = set(r_tokens) | set(p_tokens)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            if node.func.id not in functions:
-                raise PolicyError(
-                    f"matcher calls unknown function {node.func.id}()", file=MODEL_FILE
-                )
-        elif isinstance(node, ast.Name) and node.id not in names and node.id not in functions:
-            shown = node.id.replace("_", ".", 1)
-            raise PolicyError(
-                f"matcher uses {shown}, which the request and policy definitions lack",
-                file=MODEL_FILE,
-            )
-
-    terms = _conjunction(tree)
-    conjuncts: list[Conjunct] = []
-    for term in terms:
-        conj = _conjunct(term, r_tokens, p_tokens, g_arity)
-        if conj is None:
-            return [], f"matcher term {ast.unparse(term)!r} has no compiled form"
-        conjuncts.append(conj)
-    return conjuncts, None
-
-
-def _conjunction(tree: ast.expr) -> list[ast.expr]:
-    if isinstance(tree, ast.BoolOp) and isinstance(tree.op, ast.And):
-        out: list[ast.expr] = []
-        for value in tree.values:
-            out.extend(_conjunction(value))
-        return out
-    return [tree]
-
-
-def _conjunct(
-    term: ast.expr, r_tokens: list[str], p_tokens: list[str], g_arity: dict[str, int]
-) -> Conjunct | None:
-    def r_index(node: ast.expr) -> int | None:
-        if isinstance(node, ast.Name) and node.id in r_tokens:
-            return r_tokens.index(node.id)
-        return None
-
-    def p_index(node: ast.expr) -> int | None:
-        if isinstance(node, ast.Name) and node.id in p_tokens:
-            return p_tokens.index(node.id)
-        return None
-
-    if isinstance(term, ast.Compare) and len(term.ops) == 1 and isinstance(term.ops[0], ast.Eq):
-        left, right = term.left, term.comparators[0]
-        ri, pj = r_index(left), p_index(right)
-        if ri is None or pj is None:
-            ri, pj = r_index(right), p_index(left)
-        if ri is not None and pj is not None:
-            return Conjunct("==", ri, pj)
-        return None
-    if not (isinstance(term, ast.Call) and isinstance(term.func, ast.Name)) or term.keywords:
-        return None
-    fn, args = term.func.id, term.args
-    if len(args) < 2:
-        return None
-    ri, pj = r_index(args[0]), p_index(args[1])
-    if ri is None or pj is None:
-        return None
-    if fn in PATTERN_FUNCTIONS and len(args) == 2:
-        return Conjunct(fn, ri, pj)
-    arity = g_arity.get(fn)
-    if arity == 2 and len(args) == 2:
-        return Conjunct("g", ri, pj, gkey=fn)
-    if arity == 3 and len(args) == 3 and (di := r_index(args[2])) is not None:
-        return Conjunct("g", ri, pj, gkey=fn, dom_ri=di)
-    return None
-
-
-def _load_rows(policy: Policy, a: Analysis) -> None:
-    m = a.model
-    lines: Iterable[int | None] = policy.lines or [None] * len(policy.rows)
-    kinds: dict[str, tuple[str, int]] = {}  # ptype -> (section, values it takes)
-    p_rows, p_lines = a.p_rows, a.p_lines
-    for n, (row, line) in enumerate(zip(policy.rows, lines, strict=False)):
-        if not n & 511:
-            breathe()
-        ptype = row[0]
-        kind = kinds.get(ptype)
-        if kind is None:
-            sec = ptype[:1]
-            defs = m[sec] if sec in ("p", "g") else None
-            if not defs or ptype not in defs:
-                raise PolicyError(
-                    f"unknown policy type {ptype!r} (the model defines "
-                    f"{', '.join(sorted(list(m['p']) + list(m['g'] or {})))})",
-                    file=POLICY_FILE,
-                    line=line,
-                )
-            want = len(defs[ptype].tokens) if sec == "p" else a.g_arity[ptype]
-            kind = kinds[ptype] = (sec, want)
-        sec, want = kind
-        if len(row) - 1 != want:
-            raise PolicyError(
-                f"{ptype} row has {len(row) - 1} values, its definition "
-                f"'{ptype} = {m[sec][ptype].value}' takes {want}",
-                file=POLICY_FILE,
-                line=line,
-            )
-        if ptype == "p":
-            p_rows.append(tuple(row[1:]))
-            p_lines.append(line)
-        elif sec == "g":
-            a.g_rows.setdefault(ptype, []).append(tuple(row[1:]))
-
-
-def _check_acyclic(gkey: str, arity: int, rows: list[tuple[str, ...]], policy: Policy) -> None:
-    """A role cycle is always a mistake in a reviewed policy; refuse it at load."""
-    graphs: dict[str, dict[str, list[str]]] = {}
-    for row in rows:
-        dom = row[2] if arity >= 3 else ""
-        graphs.setdefault(dom, {}).setdefault(row[0], []).append(row[1])
-    for dom, graph in graphs.items():
-        state: dict[str, int] = {}  # 1 = on the current path, 2 = done
-        for start in graph:
-            if state.get(start):
-                continue
-            path = [start]
-            stack = [iter(graph.get(start, ()))]
-            state[start] = 1
-            while stack:
-                nxt = next(stack[-1], None)
-                if nxt is None:
-                    state[path.pop()] = 2
-                    stack.pop()
-                    continue
-                s = state.get(nxt)
-                if s == 1:
-                    cycle = [*path[path.index(nxt) :], nxt]
-                    where = f" in domain {dom!r}" if arity >= 3 else ""
-                    raise PolicyError(
-                        f"role cycle in {gkey}{where}: {' -> '.join(cycle)}",
-                        file=POLICY_FILE,
-                        line=_g_line(policy, gkey, cycle[-2], cycle[-1]),
-                    )
-                if s is None:
-                    state[nxt] = 1
-                    path.append(nxt)
-                    stack.append(iter(graph.get(nxt, ())))
-
-
-def _g_line(policy: Policy, gkey: str, user: str, role: str) -> int | None:
-    for row, line in zip(policy.rows, policy.lines, strict=False):
-        if row[0] == gkey and row[1] == user and row[2] == role:
-            return line
-    return None
 
 
 def _closure(edges: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
@@ -415,6 +103,8 @@ class CompiledEngine:
         from authz.engine import Decision  # engine.py imports this module lazily
 
         self._decision_type = Decision
+        #: What this engine was built from; the next revision's analysis splices into it.
+        self.analysis = analysis
         self.revision = revision
         self.rules = len(analysis.p_rows)
         self._rows = analysis.p_rows
@@ -752,7 +442,11 @@ class _RowDelta:
         a, b = old._rows, new._rows
         if not a or not b:
             return None
-        p, s = common_affixes(a, b)
+        spliced = new.analysis.p_splice
+        if spliced is not None and spliced[0] == old.revision:
+            p, s = spliced[1], spliced[2]  # what the analysis spliced: no comparing
+        else:
+            p, s = common_affixes(a, b)
         added = len(b) - p - s
         ids = old._ids
         lo = ids[p - 1] if p else 0

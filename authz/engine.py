@@ -53,7 +53,7 @@ def new_enforcer(
     policy: Policy, *, functions: Mapping[str, Callable[..., Any]] | None = None
 ) -> casbin.Enforcer:
     """A pycasbin Enforcer loaded from the policy's texts; raises PolicyError."""
-    from authz.compiled import _load_model
+    from authz.analysis import _load_model
 
     m = _load_model(policy.model_text)
     try:
@@ -161,6 +161,7 @@ def build_engine(
         policy,
         extra_functions=tuple(functions or ()),
         acyclic=prior.role_rows() if prior is not None else None,
+        previous=prior.analysis if prior is not None else None,
     )
     if analysis.conjuncts is not None:
         return CompiledEngine(

@@ -8,6 +8,9 @@ equality with it is equality with pycasbin.
 from __future__ import annotations
 
 import random
+import re
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -15,7 +18,7 @@ from hypothesis import strategies as st
 
 from authz.compiled import CompiledEngine
 from authz.engine import build_engine
-from authz.policy import Policy
+from authz.policy import Policy, PolicyReader
 from authz.reload import retire
 from tests.authz.test_engine_equivalence import (
     ACT_PATTERNS,
@@ -36,9 +39,25 @@ from tests.authz.test_engine_equivalence import (
 SUBJECTS = USERS + ROLES + CHAIN
 
 
-def _policy(model: str, g_rows: list[str], p_rows: list[tuple[str, ...]]) -> Policy:
+def _policy(
+    model: str, g_rows: list[str], p_rows: list[tuple[str, ...]], read: Path | None = None
+) -> Policy:
+    """The revision in memory, or (with ``read``, a directory) as the serving process's
+    PolicyReader reads it after the previous revision: spliced from that one's rows. The
+    reader refuses effects other than allow/deny, which pycasbin (and so the engine)
+    takes as "no effect", so the file has "deny" there: the engines compared are built
+    from the same policy either way."""
     text = "\n".join([*g_rows, *(", ".join(("p", *r)) for r in p_rows)])
-    return Policy.from_texts(model, text)
+    if read is None:
+        return Policy.from_texts(model, text)
+    (read / "model.conf").write_text(model)
+    (read / "policy.csv").write_text(re.sub(r", Allow$", ", deny", text, flags=re.M))
+    policy = _READERS[read].read(read)
+    assert policy is not None
+    return policy
+
+
+_READERS: dict[Path, PolicyReader] = {}
 
 
 def _split(policy_text: str) -> tuple[list[str], list[tuple[str, ...]]]:
@@ -104,11 +123,20 @@ def test_incremental_build_decides_as_a_full_build(variant: str) -> None:
         model, policy_text, (req_seed,) = case
         rnd = random.Random(seed)
         g_rows, p_rows = _split(policy_text)
-        serving = build_engine(_policy(model, g_rows, p_rows))
+        with tempfile.TemporaryDirectory() as tmp:
+            _READERS[Path(tmp)] = PolicyReader()
+            try:
+                chain(model, rnd, g_rows, p_rows, req_seed, Path(tmp))
+            finally:
+                del _READERS[Path(tmp)]
+
+    def chain(model: str, rnd: random.Random, g_rows, p_rows, req_seed: int, tmp: Path) -> None:
+        serving = build_engine(_policy(model, g_rows, p_rows, tmp))
         for _ in range(rnd.randint(1, 4)):  # a chain of revisions, each built from the last
             for _ in range(rnd.randint(1, 3)):
                 _edit(rnd, variant, g_rows, p_rows)
-            policy = _policy(model, g_rows, p_rows)
+            # Read from files (rows spliced into the serving revision's), or in memory.
+            policy = _policy(model, g_rows, p_rows, tmp if rnd.random() < 0.7 else None)
             reqs = requests_for([list(r) for r in p_rows], req_seed, SUBJECTS)
             before = _decisions(serving, reqs)
             new = build_engine(policy, previous=serving)
@@ -123,14 +151,17 @@ def test_incremental_build_decides_as_a_full_build(variant: str) -> None:
             for sub in SUBJECTS[:6]:
                 assert new.roles_for(sub, "") == full.roles_for(sub, "")
             modes.add(new.build["mode"])
+            spliced.append(new.analysis.p_splice is not None)
             old, serving = serving, new
             assert retire(old)  # freeing the old one leaves the shared parts alone
             assert _decisions(new, reqs) == _decisions(full, reqs)
 
     modes: set[str] = set()
     carried: list[int] = []
+    spliced: list[bool] = []
     run()
     assert "incremental" in modes
+    assert any(spliced)  # analyses were spliced into the serving one's, not only re-read
     if VARIANTS[variant][1].startswith(("g(", "r.sub ==", "p.sub ==")):
         assert sum(carried) > 0  # the carry path ran, not only fresh decisions
 

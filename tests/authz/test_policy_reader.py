@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz.policy import PolicyReader, common_affixes, load_policy_dir
+from authz.policy import Policy, PolicyReader, _byte_span, common_affixes, load_policy_dir
 from citadel.errors import PolicyError
 
 MODEL = (Path(__file__).resolve().parents[2] / "policies" / "model.conf").read_text()
@@ -63,18 +63,89 @@ def revisions(draw: st.DrawFn) -> list[tuple[str, list[str]]]:
     return out
 
 
+#: How a revision is written: plain, with CRLF line ends (read whole: universal newlines),
+#: or with a byte that is not UTF-8 in its last line (refused, naming the file).
+ENCODINGS = ["lf", "lf", "lf", "crlf", "not-utf8"]
+
+
+def _write(path: Path, lines: list[str], trailing_newline: bool, encoding: str) -> None:
+    data = ("\n".join(lines) + ("\n" if trailing_newline else "")).encode()
+    if encoding == "crlf":
+        data = data.replace(b"\n", b"\r\n")
+    elif encoding == "not-utf8":
+        data += b"p, role:\xff, *, /x, GET, allow\n"
+    path.write_bytes(data)
+
+
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(revisions(), st.booleans())
+@given(revisions(), st.booleans(), st.lists(st.sampled_from(ENCODINGS), min_size=6, max_size=6))
 def test_incremental_read_equals_a_full_read(
-    tmp_path: Path, revs: list[tuple[str, list[str]]], trailing_newline: bool
+    tmp_path: Path, revs: list[tuple[str, list[str]]], trailing_newline: bool, codes: list[str]
 ) -> None:
     reader = PolicyReader()
-    for model, lines in revs:
+    base: Policy | None = None  # the reader's last good read
+    for (model, lines), encoding in zip(revs, codes, strict=False):
         (tmp_path / "model.conf").write_text(model)
-        (tmp_path / "policy.csv").write_text("\n".join(lines) + ("\n" if trailing_newline else ""))
-        assert _read(reader, tmp_path) == _read_full(tmp_path)
+        _write(tmp_path / "policy.csv", lines, trailing_newline, encoding)
+        got = _read(reader, tmp_path)
+        assert got == _read_full(tmp_path)
+        if got[0] == "ok" and got[1].splice is not None:
+            assert base is not None
+            _assert_splice_rebuilds(got[1], base)
+        if got[0] == "ok":
+            base = got[1]
+
+
+def _assert_splice_rebuilds(policy: Policy, base: Policy) -> None:
+    """``splice`` says truly how the rows derive from the last good read's."""
+    sp = policy.splice
+    assert sp is not None and sp.base == base.revision
+    assert policy.rows[: sp.head] == base.rows[: sp.head]
+    assert policy.rows[sp.head + sp.added :] == base.rows[sp.head + sp.removed :]
+    assert all(n <= sp.start_line for n in base.lines[: sp.head])
+    assert all(n > sp.old_end_line for n in base.lines[sp.head + sp.removed :])
+    moved = [n + sp.shift for n in base.lines[sp.head + sp.removed :]]
+    assert list(policy.lines[sp.head + sp.added :]) == moved
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"a", b"b", b"\n", b"ab", b"\n\n"]), max_size=40),
+    st.lists(st.sampled_from([b"a", b"b", b"\n", b"ab", b"\n\n"]), max_size=12),
+    st.integers(0, 40),
+    st.integers(0, 6),
+)
+def test_byte_span_covers_exactly_the_changed_lines(
+    base: list[bytes], insert: list[bytes], at: int, cut: int
+) -> None:
+    """The lines outside the span are equal in both files, and the bytes it names are
+    the span's lines; a line edit is a span of about that many lines."""
+    old = b"".join(base)
+    new = b"".join(base[:at] + insert + base[at + cut :])
+    old_end, start, stop, a, b = _byte_span(old, new)
+    old_lines, new_lines = old.split(b"\n"), new.split(b"\n")
+    assert start <= stop and start <= old_end
+    assert old_lines[:start] == new_lines[:start]
+    assert old_lines[old_end:] == new_lines[stop:]
+    assert (new[a:b].split(b"\n") if stop > start else []) == new_lines[start:stop]
+
+
+@pytest.mark.parametrize("at", [0, 40, 99])
+def test_a_line_deleted_parses_nothing(tmp_path: Path, at: int) -> None:
+    rows = [f"p, role:r{k}, *, /api/{k}, ^GET$, allow" for k in range(100)]
+    (tmp_path / "model.conf").write_text(MODEL)
+    (tmp_path / "policy.csv").write_text("\n".join(rows) + "\n")
+    reader = PolicyReader()
+    base = reader.read(tmp_path)
+    del rows[at]
+    (tmp_path / "policy.csv").write_text("\n".join(rows) + "\n")
+    policy = reader.read(tmp_path)
+    assert reader.last_parsed == 0
+    assert policy == load_policy_dir(tmp_path)
+    assert policy.splice is not None and (policy.splice.removed, policy.splice.added) == (1, 0)
+    _assert_splice_rebuilds(policy, base)
 
 
 def test_a_one_line_edit_parses_one_line(tmp_path: Path) -> None:
