@@ -43,6 +43,7 @@ DEFAULT_CACHE_SIZE = 65_536
 #: (caller, host) pairs whose role/host index nodes are kept; real meshes have far fewer.
 PLAN_CACHE_SIZE = 16_384
 _NONE = sys.maxsize  # "no row" in a leaf; any real row id is smaller
+_ITEM_ID = operator.itemgetter(1)  # an index item's row id
 #: Spacing of row ids in a fully built engine: 2**32 inserts fit between two rows before
 #: an incremental build has to renumber (a full build), and 10**8 rows stay below _NONE.
 ROW_ID_STEP = 1 << 32
@@ -144,8 +145,10 @@ class CompiledEngine:
         self._plans: dict[Any, tuple[Any, ...]] = {}
         _validate_patterns(analysis, delta.new_span(len(self._rows)) if delta else None)
         self._eft_at = analysis.p_tokens.index("p_eft") if "p_eft" in analysis.p_tokens else None
-        #: first-level key -> subtree (what the first level's node was made from).
+        #: first-level key -> subtree (what the first level's node was made from), and
+        #: the (row, id, is_deny) items it was built from, in id order.
         self._top: dict[str, Any] = {}
+        self._groups: dict[str, list[tuple[tuple[str, ...], int, bool]]] = {}
         #: This build's identity; the identity of the build it shares subtrees with, and
         #: the first-level keys it rebuilt (set by an incremental build, same roles).
         self._token = object()
@@ -209,18 +212,16 @@ class CompiledEngine:
         di = c.dom_ri
         return lambda req: getk((req[ri], req[di])) or (req[ri],)
 
-    def _items(self, keys: set[str] | None = None) -> list[tuple[tuple[str, ...], int, bool]]:
-        """(row, id, is_deny) for every row that can decide (all, or those whose
-        first-level value is in ``keys``), in policy order."""
+    def _items(
+        self, rows: Iterable[tuple[str, ...]], ids: Iterable[int]
+    ) -> list[tuple[tuple[str, ...], int, bool]]:
+        """(row, id, is_deny) for each of ``rows`` that can decide, in policy order."""
         eft_at = self._eft_at
         keep_deny = self._effect != ALLOW_OVERRIDE_EFFECT
-        pj = self._levels[0].pj if keys is not None else 0
         items: list[tuple[tuple[str, ...], int, bool]] = []
-        for n, (row, rid) in enumerate(zip(self._rows, self._ids, strict=True)):
+        for n, (row, rid) in enumerate(zip(rows, ids, strict=True)):
             if not n & 1023:
                 breathe()
-            if keys is not None and row[pj] not in keys:
-                continue
             eft = row[eft_at] if eft_at is not None else "allow"
             if eft == "allow":
                 items.append((row, rid, False))
@@ -237,13 +238,17 @@ class CompiledEngine:
             # match as allow (with no row to explain it): id 0, decided in _decision_pair.
             return self._build_node([(("",) * len(self._shape[1]), 0, False)], 0)
         if not self._levels:
-            return self._build_node(self._items(), 0)
+            return self._build_node(self._items(self._rows, self._ids), 0)
         level, pj = self._levels[0], self._levels[0].pj
-        if delta is None or previous is None:
-            keys = None
+        if delta is None or previous is None or not previous._groups:
+            groups: dict[str, list[tuple[tuple[str, ...], int, bool]]] = {}
+            for item in self._items(self._rows, self._ids):
+                groups.setdefault(item[0][pj], []).append(item)
             top: dict[str, Any] = {}
+            rebuild = groups
         else:
             keys = {row[pj] for row in delta.changed_rows(previous, self)}
+            groups, rebuild = self._regroup(delta, previous, keys, pj)
             top = dict(previous._top)
             for key in keys:
                 top.pop(key, None)
@@ -251,17 +256,44 @@ class CompiledEngine:
             # one; only names and values, never previous itself (see reload.retire).
             if same_roles:
                 self._base, self._changed = previous._token, frozenset(keys)
-            self.build = {"mode": "incremental", "rows_rebuilt": 0, "subtrees_rebuilt": 0}
-        groups: dict[str, list[tuple[tuple[str, ...], int, bool]]] = {}
-        for item in self._items(keys):
-            groups.setdefault(item[0][pj], []).append(item)
-        for key, group in groups.items():
+            self.build = {
+                "mode": "incremental",
+                "rows_rebuilt": sum(map(len, rebuild.values())),
+                "subtrees_rebuilt": len(rebuild),
+            }
+        for key, group in rebuild.items():
             top[key] = self._build_node(group, 1)
-        if keys is not None:
-            self.build["rows_rebuilt"] = sum(map(len, groups.values()))
-            self.build["subtrees_rebuilt"] = len(groups)
-        self._top = top
+        self._groups, self._top = groups, top
         return level.make_node(top)
+
+    def _regroup(
+        self, delta: _RowDelta, previous: CompiledEngine, keys: set[str], pj: int
+    ) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+        """``previous``'s items per first-level key with the changed span's replaced:
+        every group, and the groups of ``keys`` (the subtrees to build again). A group is
+        in id order and the span's ids lie between the kept rows' ids, so each changed
+        group is two slices of the old one around the span's new items: the build costs
+        what the edited subtrees hold, not a walk over every row."""
+        span = delta.new_span(len(self._rows))
+        arrived: dict[str, list[tuple[tuple[str, ...], int, bool]]] = {}
+        for item in self._items(
+            self._rows[span.start : span.stop], self._ids[span.start : span.stop]
+        ):
+            arrived.setdefault(item[0][pj], []).append(item)
+        old_ids = previous._ids
+        lo = old_ids[delta.prefix - 1] if delta.prefix else -1
+        hi = old_ids[len(old_ids) - delta.suffix] if delta.suffix else _NONE
+        groups, rebuild = dict(previous._groups), {}
+        for key in keys:
+            old = previous._groups.get(key, [])
+            head = bisect.bisect_right(old, lo, key=_ITEM_ID)
+            tail = bisect.bisect_left(old, hi, key=_ITEM_ID)
+            group = old[:head] + arrived.get(key, []) + old[tail:]
+            if group:
+                groups[key] = rebuild[key] = group
+            else:
+                groups.pop(key, None)
+        return groups, rebuild
 
     def _build_node(self, items: list[tuple[tuple[str, ...], int, bool]], depth: int) -> Any:
         if depth == len(self._levels):
