@@ -154,8 +154,10 @@ class CompiledEngine:
         self._token = object()
         self._base: object | None = None
         self._changed: frozenset[str] = frozenset()
-        #: Keys ``warm`` took from the source engine instead of deciding them.
+        #: Keys ``warm`` took from the source engine instead of deciding them, and the
+        #: source's cached decisions by identity -> row id (what it carries from).
         self.warm_carried = 0
+        self._carry_rows: tuple[object, dict[int, int]] | None = None
         self._root = self._build(delta, previous, same_roles=same_roles)
         #: row id (-1: none decided) -> (decision, the same marked cached), built on first
         #: use and then shared: a frozen dataclass costs a fifth of a decision, and
@@ -403,41 +405,44 @@ class CompiledEngine:
         decided it there (same nodes, same leaves, same row id) without walking the
         index again: about a tenth of a decision. Every other key is decided afresh.
         """
-        carry = self._carrier(source)
-        n = 0
-        for key in keys:
-            if carry is None or not carry(key):
+        keys = list(keys)
+        cache, limit = self._cache, self._cache_size
+        for key, hit in zip(keys, self._carried(keys, source), strict=True):
+            if hit is None or len(cache) >= limit:
                 self.decide(*key)
-            n += 1
-        return n
+            else:
+                cache[key] = hit
+                self.warm_carried += 1
+        return len(keys)
 
-    def _carrier(self, source: Any) -> Callable[[tuple[str, str, str, str]], bool] | None:
+    def _carried(self, keys: list[tuple[str, str, str, str]], source: Any) -> list[Any]:
+        """Per key, the cached Decision it carries over from ``source``, or None (decide
+        it). Mapped over the whole batch (a warm-up is thousands of keys per reload)."""
         if (
             type(source) is not CompiledEngine
             or self._base is not source._token
             or not self._levels
             or self._levels[0].func not in ("g", "==")
         ):
-            return None
-        changed = self._changed
+            return [None] * len(keys)
         level, ri = self._levels[0], self._levels[0].ri
         names = getattr(level, "names", None) or (lambda req: (req[ri],))
-        rows_of = {id(pair[1]): rid for rid, pair in list(source._decide_table.items())}
-        old_cache, cache, table = source._cache, self._cache, self._decide_table
-        limit = self._cache_size
-
-        def carry(key: tuple[str, str, str, str]) -> bool:
-            rid = rows_of.get(id(old_cache.get(key)))
-            if rid is None or not changed.isdisjoint(names(key)) or len(cache) >= limit:
-                return False
+        memo = self._carry_rows
+        if memo is None or memo[0] is not source._token:
+            rows = {id(pair[1]): rid for rid, pair in list(source._decide_table.items())}
+            memo = self._carry_rows = (source._token, rows)
+        rids = map(memo[1].get, map(id, map(source._cache.get, keys)))
+        shared = map(self._changed.isdisjoint, map(names, keys))
+        table, out = self._decide_table, []
+        for rid, ok in zip(rids, shared, strict=True):
+            if rid is None or not ok:
+                out.append(None)
+                continue
             pair = table.get(rid)
             if pair is None:
                 pair = table[rid] = self._decision_pair(rid)
-            cache[key] = pair[1]
-            self.warm_carried += 1
-            return True
-
-        return carry
+            out.append(pair[1])
+        return out
 
     def cache_info(self) -> dict[str, int]:
         return {"size": len(self._cache), "max": self._cache_size}

@@ -25,7 +25,7 @@ import multiprocessing.util
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +62,15 @@ class LoadedPolicy:
 
 
 def _remember_counts(policy: Policy) -> None:
-    _COUNTS[policy.revision] = rule_counts(policy)
+    sp = policy.splice
+    base = _COUNTS.get(sp.base) if sp is not None else None
+    if sp is not None and base is not None:  # the base's counts, updated for the span
+        counts = Counter(base)
+        counts.subtract(sp.dropped)
+        counts.update(row[0] for row in policy.rows[sp.head : sp.head + sp.added])
+        _COUNTS[policy.revision] = {k: n for k, n in counts.items() if n > 0}
+    else:
+        _COUNTS[policy.revision] = rule_counts(policy)
     _COUNTS.move_to_end(policy.revision)
     while len(_COUNTS) > _COUNTS_MAX:
         _COUNTS.popitem(last=False)

@@ -222,6 +222,8 @@ class RowSplice:
     start_line: int
     old_end_line: int
     shift: int
+    #: The types of the removed rows (``base.rows[head:head + removed]``), for counts.
+    dropped: tuple[str, ...] = ()
 
 
 class PolicyReader:
@@ -322,6 +324,7 @@ def _splice(
         start_line=start,
         old_end_line=old_end,
         shift=shift,
+        dropped=tuple(row[0] for row in prev.rows[head:tail]),
     )
     return rows, lines, range(head, head + len(mid_rows)), splice
 

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz.policy import Policy, PolicyReader, _byte_span, common_affixes, load_policy_dir
+from authz.loading import _remember_counts, counts_for
+from authz.policy import (
+    Policy,
+    PolicyReader,
+    _byte_span,
+    common_affixes,
+    load_policy_dir,
+    rule_counts,
+)
 from citadel.errors import PolicyError
 
 MODEL = (Path(__file__).resolve().parents[2] / "policies" / "model.conf").read_text()
@@ -94,6 +102,9 @@ def test_incremental_read_equals_a_full_read(
         if got[0] == "ok" and got[1].splice is not None:
             assert base is not None
             _assert_splice_rebuilds(got[1], base)
+        if got[0] == "ok":  # rule counts for /v1/policy, kept up to date from the base's
+            _remember_counts(got[1])
+            assert counts_for(got[1].revision) == rule_counts(got[1])
         if got[0] == "ok":
             base = got[1]
 
