@@ -328,13 +328,15 @@ def serve_and_drive(
     single: bool,
     event_loop: str = "auto",
     split: tuple[frozenset[int], frozenset[int]] | None = None,
+    env: dict[str, str] | None = None,
+    tag: str = "",
 ) -> dict:
     """``citadel ca serve --workers W`` in its own process group, driven from this one.
 
     With ``split`` (server cores, client cores) the CA's processes are pinned to the first
     set and this process to the second for the phase, as if the client were elsewhere."""
     port = loadgen.free_port()
-    audit = state / f"audit-w{workers}-{event_loop}.log"
+    audit = state / f"audit-w{workers}-{event_loop}{tag}.log"
     argv = [
         sys.executable, "-m", "citadel.cli", "ca", "serve",
         "--state-dir", str(state), "--listen", f"127.0.0.1:{port}",
@@ -344,10 +346,10 @@ def serve_and_drive(
     ]  # fmt: skip
     connections = 4 * workers
     out: dict = {"workers": workers, "event_loop": event_loop}
-    name = f"ca-w{workers}-{event_loop}" + ("-pinned" if split else "")
+    name = f"ca-w{workers}-{event_loop}{tag}" + ("-pinned" if split else "")
     out.update(cores.describe(split))
     with (
-        loadgen.ServerProcess(argv, name=name, log_dir=state) as server,
+        loadgen.ServerProcess(argv, name=name, log_dir=state, env=env) as server,
         client_on(split[1] if split else None),
     ):
         if split:
@@ -378,6 +380,103 @@ def serve_and_drive(
     return out
 
 
+def pipeline_rate(state: Path, tokens: list[str], csrs: list[str], seconds: float) -> dict:
+    """The in-process chain pipeline alone (token + CSR + sign + self-check), best of 3."""
+    from citadel.ca.authority import load_authority
+
+    authority = load_authority(state / "cacerts")
+    auth = JwksAuthenticator(jwks_file=state / "dev-issuer" / "jwks.json")
+    issuer = Issuer(authority, self_check="chain")
+
+    async def pipeline(n_calls: int) -> float:
+        start = time.perf_counter()
+        for k in range(n_calls):
+            who = await auth.authenticate(tokens[k % len(tokens)])
+            issuer.issue(who, csrs[k % len(csrs)])
+        return n_calls / (time.perf_counter() - start)
+
+    asyncio.run(pipeline(200))
+    n = max(100, int(seconds * 400))
+    runs = [asyncio.run(pipeline(n)) for _ in range(3)]
+    return {"pipeline_chain_per_s": round(max(runs)), "median": round(statistics.median(runs))}
+
+
+def export_ref(ref: str, into: Path) -> Path:
+    """``citadel/`` as of git ``ref`` under ``into``, importable through PYTHONPATH."""
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", ref, "citadel"], check=True, capture_output=True
+    ).stdout
+    into.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def code_ab(
+    state: Path,
+    jwks: Path,
+    tokens: list[str],
+    csrs: list[str],
+    *,
+    ref: str,
+    rounds: int,
+    concurrency: int,
+    seconds: float,
+    base_s: float,
+    split: tuple[frozenset[int], frozenset[int]] | None,
+) -> dict:
+    """The CA of git ``ref`` (A) against this work tree (B), interleaved in one run.
+
+    Each round measures, for A then B (B then A on odd rounds, so drift hits both): the
+    in-process pipeline (a subprocess importing that code), the served 1-worker rate and
+    the CA's CPU per call, pinned (when the machine can pin) and unpinned."""
+    ref_dir = export_ref(ref, state / "ab-ref")
+    (state / "ab-inputs.json").write_text(json.dumps({"tokens": tokens, "csrs": csrs}))
+    variants = {"a_ref": {"PYTHONPATH": str(ref_dir)}, "b_work": {}}
+    here = str(Path(__file__).resolve())
+    phases = [("unpinned", None)] + ([("pinned", split)] if split else [])
+    rows: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
+
+    def add(variant: str, key: str, value: float) -> None:
+        rows[variant].setdefault(key, []).append(value)
+
+    for r in range(rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for variant in order:
+            env = variants[variant]
+            out = subprocess.run(
+                [sys.executable, here, "--pipeline-only", str(state), "--seconds", str(base_s)],
+                env={**os.environ, **env}, check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            add(variant, "pipeline_chain_per_s", json.loads(out.stdout)["pipeline_chain_per_s"])
+        for phase, sp in phases:
+            for variant in order:
+                res = serve_and_drive(
+                    state, jwks, tokens, csrs, workers=1, concurrency=concurrency,
+                    seconds=seconds, single=False, split=sp, env=variants[variant],
+                    tag=f"-ab-{variant}-{r}",
+                )["loaded"]  # fmt: skip
+                add(variant, f"{phase}_per_s", res["per_s"])
+                add(variant, f"{phase}_ca_cpu_ms_per_call", res["ca_cpu_ms_per_call"])
+                add(variant, f"{phase}_p99_ms", res["p99_ms"])
+    out: dict = {"ref": ref, "rounds": rounds, "seconds": seconds, "variants": {}}
+    for variant, cols in rows.items():
+        summary = {k: statistics.median(v) for k, v in cols.items()}
+        summary["runs"] = cols
+        for phase, _ in phases:
+            summary[f"{phase}_vs_pipeline"] = round(
+                summary[f"{phase}_per_s"] / summary["pipeline_chain_per_s"], 3
+            )
+        out["variants"][variant] = summary
+    a, b = out["variants"]["a_ref"], out["variants"]["b_work"]
+    out["b_vs_a"] = {
+        k: round(b[k] / a[k], 3)
+        for k in a
+        if k != "runs" and isinstance(a[k], int | float) and a[k]
+    }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=8.0, help="load phase length")
@@ -393,7 +492,20 @@ def main() -> None:
         help="auto: also run the 1-worker phase with the CA and this client on separate "
         "cores (bench/cores.py); off: unpinned only",
     )
+    ap.add_argument(
+        "--ab",
+        metavar="GIT_REF",
+        help="instead of the full run: the CA as of GIT_REF against this work tree, "
+        "interleaved (served 1 worker pinned/unpinned, CPU per call, in-process pipeline)",
+    )
+    ap.add_argument("--ab-rounds", type=int, default=3)
+    ap.add_argument("--pipeline-only", metavar="STATE", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.pipeline_only:  # one A/B side's in-process pipeline (a subprocess of --ab)
+        state = Path(args.pipeline_only)
+        inputs = json.loads((state / "ab-inputs.json").read_text())
+        print(json.dumps(pipeline_rate(state, inputs["tokens"], inputs["csrs"], args.seconds)))
+        return
     split = cores.split_cores(args.pin)
     load_s = 2.0 if args.quick else args.seconds
     base_s = 0.5 if args.quick else 2.0
@@ -409,6 +521,14 @@ def main() -> None:
             for i in range(200)
         ]
         csrs = [make_csr(ec.generate_private_key(ec.SECP256R1())) for _ in range(200)]
+        if args.ab:
+            ab_out = code_ab(
+                state, dev.jwks_path, tokens, csrs, ref=args.ab, rounds=args.ab_rounds,
+                concurrency=args.concurrency, seconds=load_s, base_s=base_s, split=split,
+            )  # fmt: skip
+            ab_out.update(bench="ca-ab", cpu_count=os.cpu_count(), quick=args.quick)
+            print(json.dumps(ab_out, indent=2))
+            return
         base = baselines(state, tokens, csrs, base_s)
         one = serve_and_drive(
             state, dev.jwks_path, tokens, csrs,
