@@ -397,34 +397,46 @@ class CompiledEngine:
         keys = list(self._cache)  # one C-level copy; safe beside concurrent decide()
         return keys[-limit:] if limit > 0 else []
 
-    def warm(self, keys: Iterable[tuple[str, str, str, str]], *, source: Any = None) -> int:
-        """Decide ``keys`` now so the first live requests after a swap hit the cache.
+    def warm(
+        self, keys: Iterable[tuple[str, str, str, str]], *, source: Any = None, fresh: bool = True
+    ) -> int:
+        """Cache answers for ``keys`` now so the first live requests after a swap hit.
 
         With ``source``, the engine this one was built from incrementally, a key whose
         request reaches only first-level subtrees this build shared takes the row that
         decided it there (same nodes, same leaves, same row id) without walking the
-        index again: about a tenth of a decision. Every other key is decided afresh.
+        index again: about a tenth of a decision. Every other key is decided afresh, or
+        with ``fresh=False`` left to be decided when it is asked (a reload then spends
+        nothing on the subtrees it rebuilt). Returns how many keys were cached.
         """
         keys = list(keys)
         cache, limit = self._cache, self._cache_size
-        for key, hit in zip(keys, self._carried(keys, source), strict=True):
-            if hit is None or len(cache) >= limit:
-                self.decide(*key)
-            else:
+        plan = self._carried(keys, source)
+        if plan is None:  # nothing can carry (a full build): fill the cold cache
+            plan, fresh = [None] * len(keys), True
+        done = 0
+        for key, hit in zip(keys, plan, strict=True):
+            if hit is not None and len(cache) < limit:
                 cache[key] = hit
                 self.warm_carried += 1
-        return len(keys)
+            elif fresh:
+                self.decide(*key)
+            else:
+                continue
+            done += 1
+        return done
 
-    def _carried(self, keys: list[tuple[str, str, str, str]], source: Any) -> list[Any]:
+    def _carried(self, keys: list[tuple[str, str, str, str]], source: Any) -> list[Any] | None:
         """Per key, the cached Decision it carries over from ``source``, or None (decide
-        it). Mapped over the whole batch (a warm-up is thousands of keys per reload)."""
+        it); None when this engine was not built from ``source``. Mapped over the whole
+        batch (a warm-up is thousands of keys per reload)."""
         if (
             type(source) is not CompiledEngine
             or self._base is not source._token
             or not self._levels
             or self._levels[0].func not in ("g", "==")
         ):
-            return [None] * len(keys)
+            return None
         level, ri = self._levels[0], self._levels[0].ri
         names = getattr(level, "names", None) or (lambda req: (req[ri],))
         memo = self._carry_rows

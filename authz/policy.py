@@ -23,6 +23,7 @@ __all__ = [
     "POLICY_FILE",
     "REQUEST_ARITY",
     "Policy",
+    "PolicyBytes",
     "PolicyReader",
     "RowSplice",
     "common_affixes",
@@ -73,11 +74,29 @@ def revision_of(model_text: str, policy_text: str) -> str:
 
 
 def _revision(model: bytes, policy: bytes) -> str:
+    return _digest(model, policy)[:16]
+
+
+def _digest(model: bytes, policy: bytes) -> str:
     h = hashlib.sha256()
     for data in (model, policy):
         h.update(len(data).to_bytes(8, "big"))
         h.update(data)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyBytes:
+    """``model.conf`` and ``policy.csv`` as already read (and hashed) by the caller."""
+
+    model: bytes
+    policy: bytes
+    #: SHA-256 over both, as the revision hashes them (the revision is its first 16).
+    digest: str
+
+    @classmethod
+    def of(cls, model: bytes, policy: bytes) -> PolicyBytes:
+        return cls(model, policy, _digest(model, policy))
 
 
 def split_policy_line(line: str) -> list[str]:
@@ -180,6 +199,16 @@ def _read_raw(d: Path) -> tuple[str, bytes]:
     return out[0], out[1]  # type: ignore[return-value]
 
 
+def _given_texts(given: PolicyBytes) -> tuple[str | None, bytes]:
+    """The model's text and the policy's bytes from ``given``; no text when the model is
+    not UTF-8 (the caller then reads the files itself, which reports it)."""
+    try:
+        model = given.model.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, b""
+    return _universal_newlines(model), given.policy
+
+
 def _decode(raw: bytes, *, first_line: int = 1) -> str:
     """What ``read_text(encoding="utf-8")`` gives (UTF-8, universal newlines) for
     ``policy.csv`` bytes starting on line ``first_line``; a byte that is not UTF-8 is
@@ -193,6 +222,11 @@ def _decode(raw: bytes, *, first_line: int = 1) -> str:
             file=POLICY_FILE,
             line=first_line + raw.count(b"\n", 0, exc.start),
         ) from exc
+    return _universal_newlines(text)
+
+
+def _universal_newlines(text: str) -> str:
+    """``\\r\\n`` and a lone ``\\r`` read as ``\\n``, as text-mode reads do."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text
@@ -247,11 +281,21 @@ class PolicyReader:
         #: Lines parsed by the last read (all of them for a full read), for tests.
         self.last_parsed = 0
 
-    def read(self, directory: str | Path, *, max_changed: int | None = None) -> Policy | None:
+    def read(
+        self,
+        directory: str | Path,
+        *,
+        max_changed: int | None = None,
+        given: PolicyBytes | None = None,
+    ) -> Policy | None:
         """The directory's policy; None (nothing parsed) if more than ``max_changed``
-        lines differ from the last read, so the caller can parse it elsewhere."""
+        lines differ from the last read, so the caller can parse it elsewhere. ``given``:
+        the directory's files as the caller already read them (not read again)."""
         d = Path(directory)
-        model_text, raw = _read_raw(d)
+        model_text, raw = _given_texts(given) if given is not None else (None, b"")
+        if model_text is None:
+            model_text, raw = _read_raw(d)
+            given = None
         breathe()
         prev = self._policy
         span = None
@@ -274,7 +318,10 @@ class PolicyReader:
             if max_changed is not None and stop - start > max_changed:
                 return self._unparsed(model_text, raw, None)
             mid = _decode(raw[a:b], first_line=start + 1).split("\n") if stop > start else []
-            revision = _revision(model_text.encode(), raw)
+            if given is not None and b"\r" not in given.model:  # hashed as read
+                revision = given.digest[:16]
+            else:
+                revision = _revision(model_text.encode(), raw)
             assert prev is not None
             rows, lines, fresh, splice = _splice(prev, mid, old_end, start, stop)
             self.last_parsed = len(mid)

@@ -29,8 +29,6 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import hashlib
-import os
 import sys
 import threading
 import time
@@ -50,8 +48,9 @@ from authz.loading import (
     shared_build_worker,
 )
 from authz.pacing import breathe, paced
-from authz.policy import MODEL_FILE, POLICY_FILE, Policy, PolicyReader
+from authz.policy import MODEL_FILE, POLICY_FILE, Policy, PolicyBytes, PolicyReader
 from authz.policytests import failure_error, find_test_files, load_cases, run_cases
+from authz.snapshot import EMPTY, MISSING, Snapshot, dir_state, resolve_dir, snapshot
 from authz.state import LoadOutcome, PolicyState, build_info
 from citadel.errors import PolicyError
 from citadel.logs import get_logger
@@ -69,12 +68,9 @@ __all__ = [
 
 log = get_logger("authz.reload")
 
-DATA_LINK = "..data"
 #: Changed policy.csv lines a reload parses in the serving process when the helper is up
 #: (about 5 µs a line); a larger change is parsed by the helper.
 IN_PROCESS_LINES = 1000
-_MISSING = "missing"
-_EMPTY = "empty"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,43 +88,6 @@ class ReloadOutcome(LoadOutcome):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def resolve_dir(policy_dir: str | Path) -> Path:
-    """The directory to read one consistent generation from (``..data``'s target if any)."""
-    d = Path(policy_dir)
-    data = d / DATA_LINK
-    if data.is_symlink() or data.is_dir():
-        with contextlib.suppress(OSError):
-            return Path(os.path.realpath(data))
-    return d
-
-
-def _dir_state(policy_dir: Path) -> str | None:
-    """``missing``/``empty`` when there is nothing to load, else None."""
-    if not policy_dir.is_dir():
-        return _MISSING
-    if not (policy_dir / MODEL_FILE).exists() and not (policy_dir / POLICY_FILE).exists():
-        return _EMPTY
-    return None
-
-
-def fingerprint(policy_dir: str | Path) -> str:
-    """A cheap content hash of everything a load reads (model, policy, test files)."""
-    d = Path(policy_dir)
-    state = _dir_state(d)
-    if state:
-        return state
-    real = resolve_dir(d)
-    h = hashlib.sha256()
-    for path in [real / MODEL_FILE, real / POLICY_FILE, *find_test_files(real)]:
-        h.update(str(path.name).encode() + b"\0")
-        try:
-            h.update(path.read_bytes())
-        except OSError as exc:
-            h.update(f"<unreadable {type(exc).__name__}>".encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def load_candidate(
     policy_dir: str | Path,
     *,
@@ -136,6 +95,7 @@ def load_candidate(
     worker: BuildWorker | None = None,
     previous: Engine | None = None,
     reader: PolicyReader | None = None,
+    seen: Snapshot | None = None,
 ) -> tuple[Policy, Engine]:
     """Load, build and test a policy directory; raises PolicyError (with file/line) if bad.
 
@@ -145,7 +105,8 @@ def load_candidate(
     A vanished ``..<timestamp>`` directory (Kubernetes deletes the old generation right
     after the swap) is retried against the new ``..data`` target. ``previous`` (the
     serving engine) lets the build reuse what the new revision left unchanged, and a
-    ``reader`` parses only the lines that changed since its last read.
+    ``reader`` parses only the lines that changed since its last read; ``seen``, the
+    snapshot that triggered the load, gives it the files' bytes already read and hashed.
     """
     d = Path(policy_dir)
     for attempt in range(3):
@@ -158,6 +119,7 @@ def load_candidate(
                 worker=worker,
                 previous=previous,
                 reader=reader,
+                given=seen.files if seen is not None and seen.real == real else None,
             )
         except PolicyError:
             if attempt < 2 and resolve_dir(d) != real:
@@ -171,10 +133,14 @@ def warm_successor(
 ) -> int:
     """Decide the old engine's most recent requests on the new one before the swap, so the
     traffic that was hot keeps hitting a cache (a cold cache raised decide() p99 about ten
-    times during reloads). Best effort: engines without a cache are left as they are, and a
-    failure here never blocks the reload (the new engine was already validated). Runs in
-    ``chunk``-key slices with a ``pause`` between them, so the event loop deciding Checks
-    gets the GIL back every few milliseconds instead of waiting out the whole warm-up."""
+    times during reloads). A new engine built incrementally from ``old`` takes over the
+    answers of requests that reach only subtrees it shares, and leaves the others to be
+    decided when asked: deciding them here (~1/7 of the keys after a one-role edit) was
+    most of a reload's warm-up CPU. Best effort: engines without a cache are left as
+    they are, and a failure here never blocks the reload (the new engine was already
+    validated). Runs in ``chunk``-key slices with a ``pause`` between them, so the event
+    loop deciding Checks gets the GIL back every few milliseconds. Returns the keys
+    cached."""
     hot = getattr(old, "hot_keys", None)
     warm = getattr(new, "warm", None)
     if hot is None or warm is None or limit <= 0:
@@ -185,7 +151,7 @@ def warm_successor(
         for i in range(0, len(keys), max(chunk, 1)):
             if i:
                 time.sleep(pause)
-            done += int(warm(keys[i : i + chunk], source=old))
+            done += int(warm(keys[i : i + chunk], source=old, fresh=False))
             breathe()
         return done
     except Exception:  # a request the new policy cannot decide is decided live (and denied)
@@ -239,13 +205,14 @@ def _load_from(
     worker: BuildWorker | None = None,
     previous: Engine | None = None,
     reader: PolicyReader | None = None,
+    given: PolicyBytes | None = None,
 ) -> tuple[Policy, Engine]:
     tests = None  # the helper's run of the whole gate, tests included
     try:
         # A small edit is parsed here (a few ms); a large one, or a model change, goes
         # to the helper when it runs, and then the reader learns the helper's result.
         limit = IN_PROCESS_LINES if worker is not None and worker.ready() else None
-        parsed = reader.read(real, max_changed=limit) if reader is not None else None
+        parsed = reader.read(real, max_changed=limit, given=given) if reader is not None else None
         if parsed is None:
             parsed = _parse_elsewhere(worker, real)
             if parsed is not None and reader is not None:
@@ -332,10 +299,10 @@ def initial_state(
 ) -> PolicyState:
     """The serving state at start-up; PolicyError (a clear message) when nothing valid."""
     d = Path(policy_dir)
-    state = _dir_state(d)
-    if state == _MISSING:
+    state = dir_state(d)
+    if state == MISSING:
         raise PolicyError(f"policy directory {d} does not exist")
-    if state == _EMPTY:
+    if state == EMPTY:
         raise PolicyError(f"policy directory {d} holds no {MODEL_FILE} or {POLICY_FILE}")
     try:
         _, engine = load_candidate(d, run_tests=run_tests)
@@ -446,25 +413,25 @@ class Reloader:
     def reload_now(self, *, trigger: str = "explicit") -> ReloadOutcome:
         """Load the directory now (synchronously) and swap if it is new and valid."""
         with self._lock:
-            return self._reload_locked(trigger, fingerprint(self.policy_dir))
+            return self._reload_locked(trigger, snapshot(self.policy_dir))
 
     def check(self, *, trigger: str = "poll") -> ReloadOutcome | None:
         """Reload only if the content changed since the last attempt (watch/poll path)."""
         with self._lock:
-            fp = fingerprint(self.policy_dir)
-            if fp == self._last_fp:
+            seen = snapshot(self.policy_dir)
+            if seen.fingerprint == self._last_fp:
                 return None
-            return self._reload_locked(trigger, fp)
+            return self._reload_locked(trigger, seen)
 
-    def _reload_locked(self, trigger: str, fp: str) -> ReloadOutcome:
+    def _reload_locked(self, trigger: str, seen: Snapshot) -> ReloadOutcome:
         self.attempts += 1
-        self._last_fp = fp
+        self._last_fp = fp = seen.fingerprint
         t0 = time.perf_counter()
         cpu0 = time.thread_time()
         serving = self.state.revision
-        if fp in (_MISSING, _EMPTY):
+        if fp in (MISSING, EMPTY):
             self.directory_missing = True
-            what = "does not exist" if fp == _MISSING else "is empty"
+            what = "does not exist" if fp == MISSING else "is empty"
             err = PolicyError(
                 f"policy directory {self.policy_dir} {what}; still serving revision {serving}"
             )
@@ -479,6 +446,7 @@ class Reloader:
                     worker=self.worker,
                     previous=self.state.engine if self.incremental else None,
                     reader=self.reader if self.incremental else None,
+                    seen=seen,
                 )
             except PolicyError as exc:
                 failure: PolicyError | None = exc

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from authz.loading import _remember_counts, counts_for
 from authz.policy import (
     Policy,
+    PolicyBytes,
     PolicyReader,
     _byte_span,
     common_affixes,
@@ -49,8 +50,12 @@ def _read_full(d: Path) -> tuple[object, ...]:
         return ("error", exc.message, exc.file, exc.line)
 
 
-def _read(reader: PolicyReader, d: Path) -> tuple[object, ...]:
+def _read(reader: PolicyReader, d: Path, *, given: bool = False) -> tuple[object, ...]:
+    """``given``: the files as a reload's snapshot already read and hashed them."""
     try:
+        if given:
+            files = PolicyBytes.of((d / "model.conf").read_bytes(), (d / "policy.csv").read_bytes())
+            return ("ok", reader.read(d, given=files))
         return ("ok", reader.read(d))
     except PolicyError as exc:
         return ("error", exc.message, exc.file, exc.line)
@@ -88,16 +93,25 @@ def _write(path: Path, lines: list[str], trailing_newline: bool, encoding: str) 
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(revisions(), st.booleans(), st.lists(st.sampled_from(ENCODINGS), min_size=6, max_size=6))
+@given(
+    revisions(),
+    st.booleans(),
+    st.lists(st.sampled_from(ENCODINGS), min_size=6, max_size=6),
+    st.lists(st.booleans(), min_size=6, max_size=6),
+)
 def test_incremental_read_equals_a_full_read(
-    tmp_path: Path, revs: list[tuple[str, list[str]]], trailing_newline: bool, codes: list[str]
+    tmp_path: Path,
+    revs: list[tuple[str, list[str]]],
+    trailing_newline: bool,
+    codes: list[str],
+    given: list[bool],
 ) -> None:
     reader = PolicyReader()
     base: Policy | None = None  # the reader's last good read
-    for (model, lines), encoding in zip(revs, codes, strict=False):
+    for (model, lines), encoding, pre_read in zip(revs, codes, given, strict=False):
         (tmp_path / "model.conf").write_text(model)
         _write(tmp_path / "policy.csv", lines, trailing_newline, encoding)
-        got = _read(reader, tmp_path)
+        got = _read(reader, tmp_path, given=pre_read)
         assert got == _read_full(tmp_path)
         if got[0] == "ok" and got[1].splice is not None:
             assert base is not None
