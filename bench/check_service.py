@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -215,7 +214,8 @@ def _summarise(trials: list[dict], quiet: list[int]) -> dict:
 H2_TRIAL_KEYS = (
     "p50_ms", "p99_ms", "p999_ms", "p50_ms_from_schedule", "p99_ms_from_schedule",
     "p999_ms_from_schedule", "send_lag_p99_ms", "errors", "error_kinds", "requests", "sent",
-    "kept_rate", "gap_p99_ms", "burst_gaps", "max_in_flight", "client_cpu_s",
+    "kept_rate", "gap_p50_ms", "gap_p99_ms", "burst_gaps", "max_in_flight", "start_spread_ms",
+    "client_cpu_s",
 )  # fmt: skip
 
 
@@ -346,7 +346,7 @@ def p99_trials(
         out["settle_s"] = wait_until_idle([trivial.pid, citadel.pid])
         h2: dict = {}
         if args.h2load and loadgen.h2load_path():
-            n_clients = math.ceil(TARGET_RATE * loadgen.H2LOAD_TICK_S)
+            n_clients = len(loadgen.client_rates(TARGET_RATE))
             h2_payloads, mix = h2load_payloads(targets["citadel"], payloads, n_clients)
             h2 = {
                 "payloads": h2_payloads,

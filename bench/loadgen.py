@@ -67,6 +67,7 @@ __all__ = [
     "LoadSpec",
     "ServerProcess",
     "check_payload",
+    "client_rates",
     "free_port",
     "group_cpu_seconds",
     "group_pids",
@@ -505,6 +506,10 @@ def run_h2load(
 #: max(0.01, 1 / rps)`` in nghttp2's src/h2load.cc), so one client offered more than
 #: 100 rps sends bursts: 1,000 rps from one client is ten requests at once every 10 ms.
 H2LOAD_TICK_S = 0.01
+#: The clients' rates differ by this much from slowest to fastest (same total), so their
+#: send phases drift past each other instead of freezing wherever process start-up put
+#: them (start-up jitter is milliseconds, so starts cannot place them).
+RATE_SPREAD = 0.01
 #: Sends closer together than this count as one burst in ``H2RateResult.burst_gaps``.
 BURST_GAP_US = 100
 
@@ -519,10 +524,10 @@ class H2RateSpec:
     rate: float = 1000.0
     duration: float = 5.0
     warmup: float = 1.0
-    #: Streams each client may have open: its in-flight cap. At 100 rps per client the
-    #: default covers a one-second stall before a send would wait on the server.
+    #: Streams each client may have open: its in-flight cap. At under 100 rps per client
+    #: the default covers a one-second stall before a send would wait on the server.
     streams: int = 100
-    #: Cores the h2load processes run on (``taskset`` via ``cores.preexec``); None: any.
+    #: Cores the h2load processes run on (``cores.preexec``); None: any.
     cores: Sequence[int] | None = None
     method: str = CHECK_METHOD
     #: gRPC message bytes (5-byte prefix included) each payload's answer has, in the same
@@ -545,6 +550,7 @@ class H2RateResult:
     errors: int
     error_kinds: dict[str, int]
     clients: int
+    #: Mean rate per client (they differ by ``RATE_SPREAD``).
     per_client_rps: float
     streams: int
     duration_s: float
@@ -570,13 +576,14 @@ class H2RateResult:
     #: Most requests one client had open at once: below ``streams`` means no send ever
     #: waited for an answer (the load stayed open loop).
     max_in_flight: int
-    #: Gaps between consecutive sends (all clients merged), and the share of them under
-    #: BURST_GAP_US: an even 1,000 rps has gaps of 1 ms and no bursts.
+    #: First to last client's first slot: the window starts after the last one.
+    start_spread_ms: float
+    #: Gaps between consecutive sends in the window (all clients merged), and the share
+    #: of them under BURST_GAP_US. Evenly spaced 1,000 rps: 1 ms gaps, no bursts;
+    #: Poisson arrivals at 1,000 rps: p50 0.69 ms, p99 4.6 ms, 9.5 % bursts.
     gap_p50_ms: float
     gap_p99_ms: float
     burst_gaps: float
-    #: Each client's schedule offset within one client period, ms (the stagger).
-    phases_ms: list[float]
     client_cores: list[int] | None = None
     client_cpu_s: float = 0.0
 
@@ -588,7 +595,8 @@ def parse_h2load_log(text: str) -> list[tuple[int, int, int]]:
     """``--log-file`` rows as (start µs since epoch, HTTP status, µs to end of response).
 
     h2load writes one row per closed stream (status -1 for a failed one), ordered by end
-    of response; rows here are sorted by start. Malformed lines are skipped.
+    of response, and appends to an existing file; rows here are sorted by start.
+    Malformed lines are skipped.
     """
     rows = []
     for line in text.splitlines():
@@ -613,52 +621,69 @@ def schedule_of(rows: Sequence[tuple[int, int, int]], period_us: float) -> float
     return percentile(offsets, 1)
 
 
+def client_rates(rate: float) -> list[float]:
+    """Per-client ``--rps`` for ``rate`` in all: each under 100 (one send per 10 ms tick at
+    most), spread by ``RATE_SPREAD`` around the mean, summing to ``rate``."""
+    clients = max(1, math.floor(rate * H2LOAD_TICK_S) + 1)
+    mean = rate / clients
+    if clients == 1:
+        return [mean]
+    return [mean * (1 + RATE_SPREAD * (i / (clients - 1) - 0.5)) for i in range(clients)]
+
+
 def summarise_h2load_rate(
     per_client: Sequence[Sequence[tuple[int, int, int]]],
     *,
-    rate: float,
+    rates: Sequence[float],
     duration: float,
     warmup: float,
-    expected_per_client: int | None = None,
+    expected_per_client: Sequence[int] | None = None,
     data_bytes: Sequence[int] | None = None,
     answer_bytes: Sequence[int] | None = None,
 ) -> dict[str, object]:
-    """Figures from each client's log rows (``parse_h2load_log``): see ``H2RateResult``.
+    """Figures from each client's log rows (``parse_h2load_log``) and ``--rps``.
 
-    The measured window starts ``warmup`` s after the earliest client's first slot and
-    lasts ``duration`` s; a request belongs to it by its *due* time, so a late send
-    cannot move a request out of the window.
+    The measured window starts ``warmup`` s after the last client's first slot (every
+    client is running by then) and lasts ``duration`` s; a request belongs to it by its
+    *due* time, so a late send cannot move a request out of the window. See
+    ``H2RateResult`` for the figures.
     """
-    clients = len(per_client)
-    per_rate = rate / clients
-    period = 1e6 / per_rate
+    rate = sum(rates)
+    periods = [1e6 / r for r in rates]
     errors: Counter[str] = Counter()
     # A stream that failed before its HEADERS went out has no start time (0).
     unsent = [sum(1 for r in rows if r[0] <= 0) for rows in per_client]
     if any(unsent):
         errors["never_sent"] = sum(unsent)
         per_client = [[r for r in rows if r[0] > 0] for rows in per_client]
-    schedules = [schedule_of(rows, period) if rows else None for rows in per_client]
+    schedules = [
+        schedule_of(rows, period) if rows else None
+        for rows, period in zip(per_client, periods, strict=True)
+    ]
     known = [t for t in schedules if t is not None]
     if not known:
         raise RuntimeError("h2load logged no request")
-    start = min(known) + warmup * 1e6
+    start = max(known) + warmup * 1e6
     end = start + duration * 1e6
     lat, from_sched, lag, sends = [], [], [], []
+    due_in_window = 0
     for i, rows in enumerate(per_client):
         logged = len(rows) + unsent[i]
-        if expected_per_client is not None and logged < expected_per_client:
-            errors["not_logged"] += expected_per_client - logged
-        if schedules[i] is None:
+        if expected_per_client is not None and logged < expected_per_client[i]:
+            errors["not_logged"] += expected_per_client[i] - logged
+        t0 = schedules[i]
+        if t0 is None:
             continue
         ok = 0
         for k, (sent, status, took) in enumerate(rows):
+            due = t0 + k * periods[i]
+            in_window = start <= due < end
+            due_in_window += in_window
             if status != 200:
                 errors[f"http_{status}"] += 1
                 continue
             ok += 1
-            due = schedules[i] + k * period
-            if start <= due < end:
+            if in_window:
                 late = max(0.0, sent - due)  # an early catch-up send is not late
                 lat.append(took / 1000.0)
                 from_sched.append((late + took) / 1000.0)
@@ -675,12 +700,6 @@ def summarise_h2load_rate(
     lag.sort()
     sends.sort()
     gaps = sorted(b - a for a, b in itertools.pairwise(sends))
-    due_in_window = sum(
-        sum(1 for k in range(len(rows)) if start <= t + k * period < end)
-        for rows, t in zip(per_client, schedules, strict=True)
-        if t is not None
-    )
-    first = min(known)
     in_flight = 0
     for rows in per_client:
         events = sorted([(r[0], 1) for r in rows] + [(r[0] + r[2], -1) for r in rows])
@@ -689,13 +708,13 @@ def summarise_h2load_rate(
             open_now += step
             in_flight = max(in_flight, open_now)
     return {
-        "offered_rps": rate,
+        "offered_rps": round(rate, 3),
         "achieved_rps": round(len(lat) / duration, 1),
         "requests": len(lat),
         "errors": sum(errors.values()),
         "error_kinds": dict(errors),
-        "clients": clients,
-        "per_client_rps": round(per_rate, 3),
+        "clients": len(per_client),
+        "per_client_rps": round(rate / len(per_client), 3),
         "duration_s": duration,
         "p50_ms": round(percentile(lat, 50), 3),
         "p90_ms": round(percentile(lat, 90), 3),
@@ -711,10 +730,10 @@ def summarise_h2load_rate(
         "kept_rate": round(due_in_window / (rate * duration), 4),
         "sent": sum(len(rows) for rows in per_client) + sum(unsent),
         "max_in_flight": in_flight,
+        "start_spread_ms": round((max(known) - min(known)) / 1000.0, 3),
         "gap_p50_ms": round(percentile(gaps, 50) / 1000.0, 3),
         "gap_p99_ms": round(percentile(gaps, 99) / 1000.0, 3),
         "burst_gaps": round(sum(g < BURST_GAP_US for g in gaps) / len(gaps), 3) if gaps else 0.0,
-        "phases_ms": sorted(round(((t - first) % period) / 1000.0, 2) for t in known),
     }
 
 
@@ -725,12 +744,13 @@ def run_h2load_rate(spec: H2RateSpec) -> H2RateResult:
     """Offer ``spec.rate`` open loop with h2load; latency percentiles from its logs.
 
     h2load's ``--rps`` is open loop (requests fall due by the clock whatever the answers;
-    a client only waits when all its ``-m`` streams are open) but its timer ticks every
-    10 ms at best and it times each request from when it *sent* it. So: one client
-    process per 100 rps (each sends one request per tick) and one connection each,
-    started a period and ``1 / rate`` apart so their ticks interleave (only roughly:
-    process start-up jitter sets the phases, ``phases_ms`` shows them), and each client's
-    own log gives its schedule, so latency is also reported from each request's due slot
+    a client only waits when all its ``-m`` streams are open, ``max_in_flight`` says if
+    that happened) but its timer ticks every 10 ms at best and it times each request
+    from when it *sent* it. So: one h2load process (one connection) per < 100 rps, each
+    sending one request per tick, their rates a little apart so their sends interleave
+    and drift past each other (arrivals then look like many independent clients', not
+    like a metronome: ``gap_*``), and each process's own log gives its client's
+    schedule, so latency is also reported from each request's due slot
     (``*_from_schedule``, free of coordinated omission) beside h2load's own figure.
     """
     exe = h2load_path()
@@ -738,10 +758,10 @@ def run_h2load_rate(spec: H2RateSpec) -> H2RateResult:
         raise FileNotFoundError("h2load is not installed (apt-get install nghttp2-client)")
     if not spec.payloads:
         raise ValueError("at least one payload is needed")
-    clients = max(1, math.ceil(spec.rate * H2LOAD_TICK_S - 1e-9))
-    per_rate = spec.rate / clients
+    rates = client_rates(spec.rate)
+    clients = len(rates)
     # Enough requests that every client covers the window even if it started late.
-    per_client = math.ceil(per_rate * (spec.warmup + spec.duration + 0.5)) + 1
+    counts = [math.ceil(r * (spec.warmup + spec.duration + 0.5)) + 1 for r in rates]
     payloads = [spec.payloads[i % len(spec.payloads)] for i in range(clients)]
     answer = (
         [spec.answer_bytes[i % len(spec.answer_bytes)] for i in range(clients)]
@@ -758,8 +778,8 @@ def run_h2load_rate(spec: H2RateSpec) -> H2RateResult:
                     exe,
                     "--clients=1",
                     "--threads=1",
-                    f"--requests={per_client}",
-                    f"--rps={per_rate}",
+                    f"--requests={counts[i]}",
+                    f"--rps={rates[i]!r}",
                     f"--max-concurrent-streams={spec.streams}",
                     f"--data={body}",
                     "--header=content-type: application/grpc",
@@ -773,9 +793,8 @@ def run_h2load_rate(spec: H2RateSpec) -> H2RateResult:
         t0 = time.perf_counter()
         try:
             for i, argv in enumerate(argvs):
-                # Client i starts i periods and i / rate after the first, so its ticks
-                # fall between the others' (a whole period apart, so a slow start of one
-                # process does not delay the next).
+                # Roughly staggered (start-up jitter is milliseconds); the rate spread
+                # does the rest. A period apart, so one slow start does not bunch the rest.
                 delay = t0 + i * (clients + 1) / spec.rate - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
@@ -808,10 +827,10 @@ def run_h2load_rate(spec: H2RateSpec) -> H2RateResult:
         logs = [parse_h2load_log((Path(tmp) / f"log{i}").read_text()) for i in range(clients)]
     figures = summarise_h2load_rate(
         logs,
-        rate=spec.rate,
+        rates=rates,
         duration=spec.duration,
         warmup=spec.warmup,
-        expected_per_client=per_client,
+        expected_per_client=counts,
         data_bytes=data,
         answer_bytes=answer,
     )

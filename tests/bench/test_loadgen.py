@@ -164,7 +164,7 @@ def test_summary_measures_latency_from_send_and_from_schedule() -> None:
     c1[55] = (c1[55][0], 503, 1000)
     c1[56] = (c1[56][0], -1, 1000)
     fig = loadgen.summarise_h2load_rate(
-        [c0, c1], rate=200, duration=1.0, warmup=0.1, expected_per_client=131
+        [c0, c1], rates=[100, 100], duration=1.0, warmup=0.1, expected_per_client=[131, 131]
     )
     assert fig["clients"] == 2 and fig["per_client_rps"] == 100
     # Due in [T0 + 100 ms, T0 + 1100 ms): 100 slots per client, two of them errors.
@@ -176,16 +176,16 @@ def test_summary_measures_latency_from_send_and_from_schedule() -> None:
     assert fig["p50_ms_from_schedule"] == 1.0
     assert fig["p99_ms_from_schedule"] == 4.0  # 3 ms late + 1 ms answer
     assert fig["send_lag_p99_ms"] == 3.0 and fig["send_lag_p50_ms"] == 0.0
-    assert fig["phases_ms"] == [0.0, 5.0]
     assert fig["gap_p50_ms"] == 5.0 and fig["burst_gaps"] == 0.0
     assert fig["max_in_flight"] == 1
+    assert fig["start_spread_ms"] == 5.0
     assert fig["sent"] == 260
 
 
 def test_summary_counts_answers_without_a_grpc_message() -> None:
     rows = _client(0, 50)
     fig = loadgen.summarise_h2load_rate(
-        [rows], rate=100, duration=0.3, warmup=0.1, data_bytes=[45 * 48], answer_bytes=[45]
+        [rows], rates=[100], duration=0.3, warmup=0.1, data_bytes=[45 * 48], answer_bytes=[45]
     )
     assert fig["error_kinds"] == {"no_grpc_message": 2}
 
@@ -193,9 +193,18 @@ def test_summary_counts_answers_without_a_grpc_message() -> None:
 def test_summary_reports_bursts_of_a_client_sending_many_per_tick() -> None:
     # What one h2load client at --rps 1000 does: ten requests at every 10 ms tick.
     rows = [(T0 + tick * 10_000 + i, 200, 500) for tick in range(40) for i in range(10)]
-    fig = loadgen.summarise_h2load_rate([rows], rate=1000, duration=0.3, warmup=0.05)
+    fig = loadgen.summarise_h2load_rate([rows], rates=[1000], duration=0.3, warmup=0.05)
     assert fig["burst_gaps"] > 0.85
     assert fig["send_lag_p99_ms"] >= 8.0  # the last of each burst was due 9 ms earlier
+
+
+@pytest.mark.parametrize("rate", [50, 200, 1000, 2500])
+def test_client_rates_stay_under_one_send_per_tick_and_add_up(rate: int) -> None:
+    rates = loadgen.client_rates(rate)
+    assert sum(rates) == pytest.approx(rate)
+    assert all(r < 1 / loadgen.H2LOAD_TICK_S for r in rates)
+    assert len(set(rates)) == len(rates)  # all different: their phases drift apart
+    assert max(rates) / min(rates) <= 1 + loadgen.RATE_SPREAD * 1.01
 
 
 def test_h2load_traffic_line_gives_received_data_bytes() -> None:
@@ -224,10 +233,12 @@ def test_h2load_offers_the_rate_and_every_request_is_answered(trivial) -> None:
             answer_bytes=[len(answer) + 5],
         )
     )
-    assert result.clients == 2  # at most 100 rps per h2load client (its 10 ms tick)
+    rates = loadgen.client_rates(200)
+    assert result.clients == len(rates) == 3
     assert result.errors == 0, result.error_kinds
-    assert result.sent == 2 * (math.ceil(100 * 1.7) + 1)
-    assert result.kept_rate == 1.0
-    assert 198 <= result.requests <= 200
+    assert result.sent == sum(math.ceil(r * 1.7) + 1 for r in rates)
+    # Each client's rate is not a whole number per second: one slot more or less each.
+    assert abs(result.kept_rate - 1.0) <= len(rates) / 200
+    assert abs(result.requests - 200) <= len(rates)
     assert 0 < result.p50_ms <= result.p99_ms <= result.p99_ms_from_schedule
     assert result.max_in_flight < result.streams
