@@ -34,11 +34,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
 
 from citadel.ca.authority import Authority, end_entity_key_usage, key_type_of
 from citadel.ca.leafder import LeafTemplate, children, extension_der, pem_certificate
@@ -71,6 +71,11 @@ _EC_CURVES: Final = frozenset({"secp256r1", "secp384r1"})
 #: Memoised identities (SPIFFE ID + SAN extension); cleared wholesale when full.
 _IDENTITY_CACHE: Final = 4096
 _RSA_BITS: Final = (2048, 4096)
+_ECDSA_HASHES: Final[dict[x509.ObjectIdentifier, hashes.HashAlgorithm]] = {
+    SignatureAlgorithmOID.ECDSA_WITH_SHA256: hashes.SHA256(),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA384: hashes.SHA384(),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA512: hashes.SHA512(),
+}
 
 Clock = Callable[[], float]
 _log = get_logger("citadel.ca.issuance")
@@ -173,6 +178,25 @@ def parse_csr(
     data: str | bytes, *, max_bytes: int = MAX_CSR_BYTES
 ) -> x509.CertificateSigningRequest:
     """Exactly one PEM ``CERTIFICATE REQUEST`` block, nothing around it, signature valid."""
+    return _parse_csr(data, max_bytes=max_bytes)[0]
+
+
+def _proof_of_possession(csr: x509.CertificateSigningRequest, key: Any) -> bool:
+    """``csr.is_signature_valid``, reusing the public key already loaded for the policy
+    checks (that property loads it again). ECDSA with SHA-2, what agents send, is verified
+    here with the same primitive; every other key/algorithm pair goes to the property."""
+    hash_algorithm = _ECDSA_HASHES.get(csr.signature_algorithm_oid)
+    if hash_algorithm is None or not isinstance(key, ec.EllipticCurvePublicKey):
+        return csr.is_signature_valid
+    try:
+        key.verify(csr.signature, csr.tbs_certrequest_bytes, ec.ECDSA(hash_algorithm))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _parse_csr(data: str | bytes, *, max_bytes: int) -> tuple[x509.CertificateSigningRequest, Any]:
+    """``parse_csr`` and the CSR's public key."""
     raw = data.encode("utf-8", "replace") if isinstance(data, str) else bytes(data)
     if not raw.strip():
         raise InvalidRequest(
@@ -196,7 +220,8 @@ def parse_csr(
     except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm):  # InvalidVersion: fuzzing
         raise InvalidRequest("CSR is not a valid PKCS#10 request", reason="csr_malformed") from None
     try:
-        valid = csr.is_signature_valid
+        key = csr.public_key()
+        valid = _proof_of_possession(csr, key)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         # A public key or signature algorithm that cannot even be loaded (found by fuzzing:
         # a damaged EC point raised ValueError here and became INTERNAL).
@@ -207,14 +232,10 @@ def parse_csr(
         raise InvalidRequest(
             "CSR signature does not verify with its own public key", reason="csr_signature"
         )
-    return csr
+    return csr, key
 
 
-def _check_key(csr: x509.CertificateSigningRequest) -> tuple[object, str]:
-    try:
-        key = csr.public_key()
-    except (ValueError, TypeError):
-        raise InvalidRequest("CSR public key cannot be parsed", reason="csr_key") from None
+def _check_key(key: Any) -> tuple[object, str]:
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in _EC_CURVES:
             raise InvalidRequest(
@@ -341,6 +362,8 @@ class Issuer:
         )
         self._store = verification.Store([authority.root])
         self._untrusted = authority.untrusted_chain
+        #: (time, verifier) of the last self-check; rebuilt when the second changes.
+        self._verifier: tuple[datetime | None, Any] = (None, None)
         #: Leaves assembled from DER pieces (``leafder``) once proven equal to the
         #: builder's below; until then, and if they differ, the builder makes them.
         self._template: LeafTemplate | None = None
@@ -357,6 +380,7 @@ class Issuer:
         if self.full_chain_reason is None:
             self._store = verification.Store([authority.signing_cert])
             self._untrusted = []
+            self._verifier = (None, None)
 
     def _adopt_template(self) -> str | None:
         """Use the DER template only if its TBS is the builder's, byte for byte."""
@@ -496,8 +520,8 @@ class Issuer:
         """Check the CSR against the caller, sign, self-check; raise a ``CitadelError``."""
         spiffe_id, san, san_der = self._identity(caller)
         ttl = self.ttl_for(requested_ttl)
-        csr = parse_csr(csr_pem, max_bytes=self.max_csr_bytes)
-        public_key, key_type = _check_key(csr)
+        csr, public_key = _parse_csr(csr_pem, max_bytes=self.max_csr_bytes)
+        public_key, key_type = _check_key(public_key)
         _check_extensions(csr, str(spiffe_id))
 
         now = datetime.fromtimestamp(int(self._clock()), UTC)
@@ -545,7 +569,12 @@ class Issuer:
                 f"{now.isoformat()} (valid {self._window[0].isoformat()} to "
                 f"{self._window[1].isoformat()})"
             )
-        verifier = verification.PolicyBuilder().store(self._store).time(now).build_client_verifier()
+        at, verifier = self._verifier
+        if at != now:  # leaves are issued at whole seconds: one verifier per second
+            verifier = (
+                verification.PolicyBuilder().store(self._store).time(now).build_client_verifier()
+            )
+            self._verifier = (now, verifier)
         try:
             verified = verifier.verify(leaf, self._untrusted)
         except verification.VerificationError as exc:

@@ -466,3 +466,62 @@ def test_default_authority_is_checked_with_one_verification_per_leaf(
     verification.PolicyBuilder().store(verification.Store([authority.root])).time(
         datetime.fromtimestamp(T0, UTC)
     ).build_client_verifier().verify(leaf, authority.untrusted_chain)
+
+
+# ------------------------------------------------------------------ proof of possession
+
+
+def _der_csr(key: object, algo: object = None, cn: str = "x") -> bytes:
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .sign(key, algo)  # type: ignore[arg-type]
+        .public_bytes(serialization.Encoding.DER)
+    )
+
+
+def _flip(der: bytes, at: int) -> bytes:
+    return der[:at] + bytes([der[at] ^ 0x01]) + der[at + 1 :]
+
+
+@pytest.fixture(scope="module")
+def pop_corpus() -> dict[str, bytes]:
+    p256, p384 = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP384R1())
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    good = _der_csr(p256, hashes.SHA256(), cn="abcdef")
+    other = x509.load_der_x509_csr(_der_csr(p384, hashes.SHA256(), cn="abcdef"))
+    mine = x509.load_der_x509_csr(good)
+    swapped = good[: len(good) - len(mine.signature)] + other.signature[: len(mine.signature)]
+    return {
+        "ec-p256-sha256": good,
+        "ec-p256-sha384": _der_csr(p256, hashes.SHA384()),
+        "ec-p384-sha512": _der_csr(p384, hashes.SHA512()),
+        "ec-p256-sha224": _der_csr(p256, hashes.SHA224()),
+        "rsa-sha256": _der_csr(rsa_key, hashes.SHA256()),
+        "ed25519": _der_csr(ed25519.Ed25519PrivateKey.generate()),
+        "tampered-subject": good.replace(b"abcdef", b"abcdeg"),
+        "tampered-signature": _flip(good, len(good) - 3),
+        "signature-of-another-csr": swapped,
+    }
+
+
+_POP_CASES = [
+    "ec-p256-sha256", "ec-p256-sha384", "ec-p384-sha512", "ec-p256-sha224", "rsa-sha256",
+    "ed25519", "tampered-subject", "tampered-signature", "signature-of-another-csr",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", _POP_CASES)
+def test_proof_of_possession_agrees_with_is_signature_valid(
+    pop_corpus: dict[str, bytes], name: str
+) -> None:
+    from citadel.ca.issuance import _proof_of_possession
+
+    assert set(pop_corpus) == set(_POP_CASES)
+    try:
+        csr = x509.load_der_x509_csr(pop_corpus[name])
+        expected = csr.is_signature_valid
+    except ValueError:
+        pytest.skip("not loadable: parse_csr refuses it before any signature check")
+    assert _proof_of_possession(csr, csr.public_key()) is expected
+    assert expected is (not name.startswith(("tampered", "signature-of")))
