@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import bisect
+import dataclasses
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ class Analysis:
     model_text: str = ""
     #: Whether every row's line is known (a policy built in memory may not say).
     has_lines: bool = False
+    #: The custom matcher functions the model was analysed with.
+    functions: tuple[str, ...] = ()
     #: Set when these rows were spliced into ``previous``'s: (its revision, the p rows
     #: kept from its front, from its back). The engine reuses its index around them.
     p_splice: tuple[str, int, int] | None = None
@@ -127,7 +130,37 @@ def analyse(
     revision's analysis; when ``policy.splice`` says how its rows derive from that
     revision (same model), only the new rows are checked and the rest are spliced in.
     """
-    m = _load_model(policy.model_text)
+    if (
+        previous is not None
+        and previous.model_text == policy.model_text
+        and previous.functions == tuple(extra_functions)
+    ):
+        # The same model means the same analysis of it (pycasbin's model object is only
+        # read after loading); only the rows are new.
+        analysis = dataclasses.replace(
+            previous, p_rows=[], p_lines=[], g_rows={}, g_lines={}, p_splice=None
+        )
+    else:
+        analysis = _analyse_model(policy.model_text, extra_functions)
+    analysis.revision = policy.revision
+    analysis.has_lines = bool(policy.lines)
+    breathe()
+    if _splices(policy, previous):
+        assert previous is not None
+        _splice_rows(policy, previous, analysis)
+    else:
+        _load_rows(policy, analysis)
+    breathe()
+    for gkey, arity in analysis.g_arity.items():
+        rows = analysis.g_rows.get(gkey, [])
+        if acyclic is None or acyclic.get(gkey) != rows:
+            _check_acyclic(gkey, arity, rows, policy)
+    return analysis
+
+
+def _analyse_model(model_text: str, extra_functions: Collection[str]) -> Analysis:
+    """The model's part of an analysis (rows empty): refused, compiled, or pycasbin's."""
+    m = _load_model(model_text)
     r_tokens = list(m["r"]["r"].tokens)
     if len(r_tokens) != 4:
         raise PolicyError(
@@ -167,8 +200,7 @@ def analyse(
     if extra_functions:
         reasons.append("custom functions " + ", ".join(sorted(extra_functions)))
 
-    breathe()
-    analysis = Analysis(
+    return Analysis(
         model=m,
         r_tokens=r_tokens,
         p_tokens=p_tokens,
@@ -177,21 +209,9 @@ def analyse(
         conjuncts=None if reasons else conjuncts,
         fallback_reason="; ".join(reasons) or None,
         g_arity=g_arity,
-        revision=policy.revision,
-        model_text=policy.model_text,
-        has_lines=bool(policy.lines),
+        model_text=model_text,
+        functions=tuple(extra_functions),
     )
-    if _splices(policy, previous):
-        assert previous is not None
-        _splice_rows(policy, previous, analysis)
-    else:
-        _load_rows(policy, analysis)
-    breathe()
-    for gkey, arity in g_arity.items():
-        rows = analysis.g_rows.get(gkey, [])
-        if acyclic is None or acyclic.get(gkey) != rows:
-            _check_acyclic(gkey, arity, rows, policy)
-    return analysis
 
 
 def _analyse_matcher(

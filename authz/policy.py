@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import hashlib
 import operator
 from collections.abc import Sequence
@@ -443,6 +444,16 @@ def policy_shape(model_text: str) -> dict[str, int]:
     Uses pycasbin's own config reader so the model means here what it means to the
     engine; raises ``PolicyError`` naming ``model.conf`` when it does not parse.
     """
+    return dict(_model_facts(model_text)[0])
+
+
+@functools.lru_cache(maxsize=8)
+def _model_facts(
+    model_text: str,
+) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+    """(values per ptype, eft column per policy type) of a model text. Memoised: every
+    reload validates its new rows against the model, which rarely changes, and parsing
+    it twice with pycasbin's config reader cost more than the rows."""
     try:
         from casbin.config import Config
 
@@ -454,7 +465,12 @@ def policy_shape(model_text: str) -> dict[str, int]:
     for section in ("request_definition", "policy_definition", "role_definition"):
         for key, value in data.get(section, {}).items():
             shape[key] = len([v for v in value.split(",") if v.strip()])
-    return shape
+    eft: dict[str, int] = {}
+    for key, value in data.get("policy_definition", {}).items():
+        names = [v.strip() for v in value.split(",")]
+        if "eft" in names:
+            eft[key] = names.index("eft")
+    return tuple(shape.items()), tuple(eft.items())
 
 
 def validate_policy(policy: Policy, *, only: range | None = None) -> None:
@@ -478,7 +494,7 @@ def validate_policy(policy: Policy, *, only: range | None = None) -> None:
         )
     if "p" not in shape:
         raise PolicyError("model has no policy definition 'p'", file=MODEL_FILE)
-    eft_index = _eft_indexes(policy.model_text)
+    eft_index = dict(_model_facts(policy.model_text)[1])
     lines = policy.lines or (None,) * len(policy.rows)
     for i in range(len(policy.rows)) if only is None else only:
         row, line = policy.rows[i], lines[i]
@@ -504,18 +520,6 @@ def validate_policy(policy: Policy, *, only: range | None = None) -> None:
                 file=POLICY_FILE,
                 line=line,
             )
-
-
-def _eft_indexes(model_text: str) -> dict[str, int]:
-    from casbin.config import Config
-
-    data: dict[str, dict[str, str]] = getattr(Config.new_config_from_text(model_text), "_data", {})
-    out: dict[str, int] = {}
-    for key, value in data.get("policy_definition", {}).items():
-        names = [v.strip() for v in value.split(",")]
-        if "eft" in names:
-            out[key] = names.index("eft")
-    return out
 
 
 def rule_counts(policy: Policy) -> dict[str, int]:
