@@ -38,8 +38,9 @@ p99 (libev's millisecond timers) and never wait for answers (``max_in_flight``),
 same latency timed from each request's schedule slot (coordinated-omission free:
 lateness counts, ``from_schedule_ms``) is close; it is beside it, as is the Python
 client's verdict (``targets.p99_ms_at_1000_rps_python_client``). Unpinned, the eleven
-h2load processes wake on the server's core too (1,000 wake-ups a second), so the
-unpinned C-client figures are pessimistic. ``--no-h2load`` skips the C client.
+h2load processes also wake on the server's core (1,000 wake-ups a second), so unpinned
+C-client figures mix client and server more than pinned ones (and swing more between
+runs). ``--no-h2load`` skips the C client.
 
 Prints one JSON object: every figure, the baselines, the ratios, targets met or not, and
 ``cpu_count``. ``--quick`` shortens every run (a smoke test, not a measurement);
