@@ -226,9 +226,10 @@ def test_unchanged_content_is_a_noop(cm: ConfigMapDir) -> None:
 
 
 def test_new_revision_starts_with_the_old_ones_hot_requests_decided(cm: ConfigMapDir) -> None:
-    """The successor engine decides the serving engine's recent requests before the swap,
-    so the first live requests after a reload hit a warm cache, with the NEW policy's
-    answers (a warm-up must never carry an old decision across)."""
+    """With ``warm_keys`` (off by default), the successor engine decides the serving
+    engine's recent requests before the swap, so the first live requests after a reload
+    hit a warm cache, with the NEW policy's answers (a warm-up must never carry an old
+    decision across)."""
     state = initial_state(cm.root)
     for probe in PROBES:
         state.engine.decide(*probe)
