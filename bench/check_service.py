@@ -21,7 +21,7 @@ Pinned servers cannot dodge other work on their core, so every trial records
 the median of the quiet trials, and there is none when most trials were disturbed.
 
 Each trial also offers the same 1,000 rps from h2load, a C client (``p99_h2load``;
-``loadgen.run_h2load_rate``), when it is installed, pinned and unpinned like the Python
+``h2load.run_h2load_rate``), when it is installed, pinned and unpinned like the Python
 client: eleven h2load processes of about 91 rps and one connection each (h2load's
 ``--rps`` timer ticks every 10 ms, so one client at 1,000 rps sends bursts of ten; the
 eleven rates differ by 1% so their sends drift past each other, which gives
@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import cores
+import h2load
 import loadgen
 
 import policies
@@ -176,7 +177,7 @@ def wait_until_idle(pgids: list[int], *, limit_s: float = 20.0, window_s: float 
 
 
 def run_counting_others(
-    spec: loadgen.LoadSpec | loadgen.H2RateSpec, server_pgids: list[int]
+    spec: loadgen.LoadSpec | h2load.H2RateSpec, server_pgids: list[int]
 ) -> tuple[Any, float]:
     """One load run, and how many cores other people's work kept busy meanwhile.
 
@@ -189,8 +190,8 @@ def run_counting_others(
         return loadgen.own_cpu_seconds() + sum(loadgen.group_cpu_seconds(g) for g in server_pgids)
 
     busy0, ours0, wall0 = loadgen.machine_busy_seconds(), ours(), time.monotonic()
-    if isinstance(spec, loadgen.H2RateSpec):
-        result = loadgen.run_h2load_rate(spec)
+    if isinstance(spec, h2load.H2RateSpec):
+        result = h2load.run_h2load_rate(spec)
     else:
         result = loadgen.run_load(spec)
     other = (loadgen.machine_busy_seconds() - busy0 - (ours() - ours0)) / (time.monotonic() - wall0)
@@ -251,7 +252,7 @@ def _summarise_h2load(trials: list[dict], quiet: list[int]) -> dict:
 
 
 def h2load_version() -> str | None:
-    exe = loadgen.h2load_path()
+    exe = h2load.h2load_path()
     if exe is None:
         return None
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
@@ -261,7 +262,7 @@ def h2load_version() -> str | None:
 def h2load_payloads(target: str, payloads: list[bytes], n: int) -> tuple[list[bytes], dict]:
     """``n`` of ``payloads``, allowed and denied alternating as far as ``target`` gives both.
 
-    h2load sends one body per client (``loadgen.run_h2load_rate``), so its trials see
+    h2load sends one body per client (``h2load.run_h2load_rate``), so its trials see
     only these few distinct requests: decision-cache hits, as the Python client's 2,000
     distinct requests are too once its first pass has filled the cache (65,536 entries).
     """
@@ -352,8 +353,8 @@ def p99_trials(
         # start when both are idle, or every early trial measures that instead.
         out["settle_s"] = wait_until_idle([trivial.pid, citadel.pid])
         h2: dict = {}
-        if args.h2load and loadgen.h2load_path():
-            n_clients = len(loadgen.client_rates(TARGET_RATE))
+        if args.h2load and h2load.h2load_path():
+            n_clients = len(h2load.client_rates(TARGET_RATE))
             h2_payloads, mix = h2load_payloads(targets["citadel"], payloads, n_clients)
             h2 = {
                 "payloads": h2_payloads,
@@ -397,7 +398,7 @@ def p99_trials(
                         quiet_budget -= loadgen.wait_quiet(min(quiet_budget, 3.0))
                     audit0 = count_lines(audit_path)
                     r, other = run_counting_others(
-                        loadgen.H2RateSpec(
+                        h2load.H2RateSpec(
                             target=target, payloads=h2["payloads"], rate=float(TARGET_RATE),
                             duration=args.duration, warmup=args.warmup,
                             cores=client_cores if pinned else None,

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import h2load
 import loadgen
 
 import policies
@@ -67,10 +68,10 @@ def measure(workers: int, work: Path, payloads: list[bytes], args: argparse.Name
             server.check_alive()
             raise
         time.sleep(0.5 * workers)  # every worker up, not just the first to answer
-        if loadgen.h2load_path():
+        if h2load.h2load_path():
             before = count_records(audit)
             cpu0 = loadgen.group_cpu_seconds(server.pid)
-            r = loadgen.run_h2load(
+            r = h2load.run_h2load(
                 target,
                 payloads[0],
                 connections=args.connections,
@@ -122,10 +123,10 @@ def run(args: argparse.Namespace) -> dict:
             "connections": args.connections,
             "in_flight": args.connections * args.streams,
             "duration_s": args.duration,
-            "h2load": loadgen.h2load_path() or "missing: apt-get install nghttp2-client",
+            "h2load": h2load.h2load_path() or "missing: apt-get install nghttp2-client",
         },
     }
-    if not loadgen.h2load_path():
+    if not h2load.h2load_path():
         print("h2load is missing: reporting the Python client only", file=sys.stderr)
     one = measure(1, work, payloads, args)
     two = measure(2, work, payloads, args)
