@@ -19,10 +19,7 @@ only does what must differ per leaf. Extensions whose value never changes betwee
 are handed to the builder as their DER (``_pre_encoded``): cryptography otherwise walks
 each typed value through Python on every ``sign``, about a quarter of building a leaf. The
 bytes are the same (a test compares the TBS), and the self-check parses them back with an
-independent validator before any leaf leaves the process. Going further, the whole leaf is
-assembled from DER pieces prepared once (``leafder.LeafTemplate``) and signed directly,
-which halves the cost of making a leaf; the template is adopted at start only if its TBS
-is the builder's byte for byte (``template_reason`` says why when it is not).
+independent validator before any leaf leaves the process.
 """
 
 from __future__ import annotations
@@ -34,17 +31,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
-from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from citadel.ca.authority import Authority, end_entity_key_usage, key_type_of
-from citadel.ca.leafder import LeafTemplate, children, extension_der, pem_certificate
 from citadel.ca.tokens import Caller
 from citadel.errors import AuthorityError, InvalidRequest, InvalidSpiffeId, PermissionDenied
-from citadel.logs import get_logger
 from citadel.spiffe import SpiffeId
 
 __all__ = [
@@ -71,26 +66,8 @@ _EC_CURVES: Final = frozenset({"secp256r1", "secp384r1"})
 #: Memoised identities (SPIFFE ID + SAN extension); cleared wholesale when full.
 _IDENTITY_CACHE: Final = 4096
 _RSA_BITS: Final = (2048, 4096)
-_ECDSA_HASHES: Final[dict[x509.ObjectIdentifier, hashes.HashAlgorithm]] = {
-    SignatureAlgorithmOID.ECDSA_WITH_SHA256: hashes.SHA256(),
-    SignatureAlgorithmOID.ECDSA_WITH_SHA384: hashes.SHA384(),
-    SignatureAlgorithmOID.ECDSA_WITH_SHA512: hashes.SHA512(),
-}
 
 Clock = Callable[[], float]
-_log = get_logger("citadel.ca.issuance")
-#: A fixed RSA-2048 public key: the RSA-leaf probe that proves the leaf template at start
-#: (generating one would cost every start tens of milliseconds; it is never signed with).
-_PROBE_RSA_SPKI: Final = b"""-----BEGIN PUBLIC KEY-----
-MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEArt+mzpJGn1TQ34b7td6e
-5vBfk739IRbpQaSYP1P7yIm8ntlY09NESsY2Z5kidYmlmr0jjnyJWifM6nExQ+TK
-Ztj+GDAHYEiJTKmlhkumZSQa/CNkQHuEkn292VznglJ2toho1s4/73fp+f1bIuGq
-pcn++3efUAapo2Whb9PIn8VVVL++4zQZd0agn2JaQ9yfv96o+Og0why9C9tFsTgs
-ubvGsPUH/gKVa8bFbEKx5YGqiaf/tfTJk0eAm2sjcAQz+WJuxwknMMLbZqguOVW6
-4Ief+318MYU9J1txuUrBPsrrTqn7A7MkUdzsiXAqvWwHCbi84xeXbkEhrl8VYL08
-8QIDAQAB
------END PUBLIC KEY-----
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +115,6 @@ _NOT_CA: Final = x509.BasicConstraints(ca=False, path_length=None)
 _EMPTY_NAME: Final = x509.Name([])
 
 
-def _der(value: x509.ExtensionType, *, critical: bool) -> bytes:
-    return extension_der(value.oid, critical=critical, value=value.public_bytes())
-
-
 def _pre_encoded(value: x509.ExtensionType, *, critical: bool) -> x509.Extension[Any]:
     """``value`` as an extension carrying its DER, which the builder copies as is."""
     return x509.Extension(
@@ -178,25 +151,6 @@ def parse_csr(
     data: str | bytes, *, max_bytes: int = MAX_CSR_BYTES
 ) -> x509.CertificateSigningRequest:
     """Exactly one PEM ``CERTIFICATE REQUEST`` block, nothing around it, signature valid."""
-    return _parse_csr(data, max_bytes=max_bytes)[0]
-
-
-def _proof_of_possession(csr: x509.CertificateSigningRequest, key: Any) -> bool:
-    """``csr.is_signature_valid``, reusing the public key already loaded for the policy
-    checks (that property loads it again). ECDSA with SHA-2, what agents send, is verified
-    here with the same primitive; every other key/algorithm pair goes to the property."""
-    hash_algorithm = _ECDSA_HASHES.get(csr.signature_algorithm_oid)
-    if hash_algorithm is None or not isinstance(key, ec.EllipticCurvePublicKey):
-        return csr.is_signature_valid
-    try:
-        key.verify(csr.signature, csr.tbs_certrequest_bytes, ec.ECDSA(hash_algorithm))
-    except InvalidSignature:
-        return False
-    return True
-
-
-def _parse_csr(data: str | bytes, *, max_bytes: int) -> tuple[x509.CertificateSigningRequest, Any]:
-    """``parse_csr`` and the CSR's public key."""
     raw = data.encode("utf-8", "replace") if isinstance(data, str) else bytes(data)
     if not raw.strip():
         raise InvalidRequest(
@@ -220,8 +174,7 @@ def _parse_csr(data: str | bytes, *, max_bytes: int) -> tuple[x509.CertificateSi
     except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm):  # InvalidVersion: fuzzing
         raise InvalidRequest("CSR is not a valid PKCS#10 request", reason="csr_malformed") from None
     try:
-        key = csr.public_key()
-        valid = _proof_of_possession(csr, key)
+        valid = csr.is_signature_valid
     except (ValueError, TypeError, UnsupportedAlgorithm):
         # A public key or signature algorithm that cannot even be loaded (found by fuzzing:
         # a damaged EC point raised ValueError here and became INTERNAL).
@@ -232,10 +185,14 @@ def _parse_csr(data: str | bytes, *, max_bytes: int) -> tuple[x509.CertificateSi
         raise InvalidRequest(
             "CSR signature does not verify with its own public key", reason="csr_signature"
         )
-    return csr, key
+    return csr
 
 
-def _check_key(key: Any) -> tuple[object, str]:
+def _check_key(csr: x509.CertificateSigningRequest) -> tuple[object, str]:
+    try:
+        key = csr.public_key()
+    except (ValueError, TypeError):
+        raise InvalidRequest("CSR public key cannot be parsed", reason="csr_key") from None
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in _EC_CURVES:
             raise InvalidRequest(
@@ -353,7 +310,7 @@ class Issuer:
         if self_check not in SELF_CHECKS:
             raise AuthorityError(f"self_check must be one of {', '.join(map(repr, SELF_CHECKS))}")
         self.self_check = self_check
-        self._identities: dict[tuple[str, str], tuple[SpiffeId, x509.Extension[Any], bytes]] = {}
+        self._identities: dict[tuple[str, str], tuple[SpiffeId, x509.Extension[Any]]] = {}
         chain = (authority.signing_cert, *authority.intermediates, authority.root)
         #: Every chain certificate must be valid at the moment a leaf is issued.
         self._window = (
@@ -362,17 +319,8 @@ class Issuer:
         )
         self._store = verification.Store([authority.root])
         self._untrusted = authority.untrusted_chain
-        #: (time, verifier) of the last self-check; rebuilt when the second changes.
-        self._verifier: tuple[datetime | None, Any] = (None, None)
-        #: Leaves assembled from DER pieces (``leafder``) once proven equal to the
-        #: builder's below; until then, and if they differ, the builder makes them.
-        self._template: LeafTemplate | None = None
         # Prove the whole bundle once, now: a broken layout fails at start, not per call.
         self._probe()
-        #: Why leaves are built by ``CertificateBuilder`` (None: by the proven template).
-        self.template_reason = self._adopt_template()
-        if self.template_reason is not None:
-            _log.warning("ca.leaf_template_off", reason=self.template_reason)
         #: Why the per-leaf check is not anchored at the signing certificate (None: it is).
         self.full_chain_reason = _needs_full_chain(chain) if self_check == "chain" else None
         if self_check == "full":
@@ -380,85 +328,6 @@ class Issuer:
         if self.full_chain_reason is None:
             self._store = verification.Store([authority.signing_cert])
             self._untrusted = []
-            self._verifier = (None, None)
-
-    def _adopt_template(self) -> str | None:
-        """Use the DER template only if its TBS is the builder's, byte for byte."""
-        caller = Caller(namespace="citadel-probe", service_account="probe", subject="probe")
-        _, san, san_der = self._identity(caller)
-        now = datetime.fromtimestamp(int(self._clock()), UTC)
-        window = (now - self.backdate, min(now + self.default_ttl, self._not_after))
-        if any(t.microsecond for t in window):
-            return "leaf validity times are not whole seconds"
-        probes = (
-            (ec.generate_private_key(ec.SECP256R1()).public_key(), False),
-            (serialization.load_pem_public_key(_PROBE_RSA_SPKI), True),
-        )
-        try:
-            reference = self._typed_leaf(probes[0][0], False, san, 1, *window)
-            template = LeafTemplate(
-                key=self._key,
-                hash_algorithm=self._hash,
-                issuer_name=self._issuer_name,
-                signature_algorithm=children(reference.tbs_certificate_bytes)[2],
-                constant_extensions={
-                    rsa_key: _der(_NOT_CA, critical=True)
-                    + _der(_KU_RSA if rsa_key else _KU_EC, critical=True)
-                    + _der(_EKU, critical=False)
-                    for rsa_key in (False, True)
-                },
-                aki=_der(self._aki, critical=False),
-            )
-            # Serials of every encoded length class: short, top bit set (a leading zero).
-            for serial in (1, 0x80, x509.random_serial_number(), (1 << 151) + 5):
-                for public_key, rsa_key in probes:
-                    typed = self._typed_leaf(public_key, rsa_key, san, serial, *window)
-                    mine = template.tbs(
-                        serial=serial,
-                        not_before=window[0],
-                        not_after=window[1],
-                        public_key=public_key,
-                        rsa_key=rsa_key,
-                        san=san_der,
-                    )
-                    if mine != typed.tbs_certificate_bytes:
-                        return "the leaf template's TBS differs from CertificateBuilder's"
-        except (TypeError, ValueError) as exc:
-            return f"no leaf template for this authority: {exc}"
-        self._template = template
-        self._probe()  # one whole issuance through it, self-check included
-        return None
-
-    def _typed_leaf(
-        self,
-        public_key: Any,
-        rsa_key: bool,
-        san: x509.Extension[Any],
-        serial: int,
-        not_before: datetime,
-        not_after: datetime,
-    ) -> x509.Certificate:
-        """The leaf as ``CertificateBuilder`` makes it (the template's reference)."""
-        return x509.CertificateBuilder(
-            issuer_name=self._issuer_name,
-            subject_name=_EMPTY_NAME,
-            public_key=public_key,
-            serial_number=serial,
-            not_valid_before=not_before,
-            not_valid_after=not_after,
-            extensions=[
-                _EXT_NOT_CA,
-                _EXT_KU_RSA if rsa_key else _EXT_KU_EC,
-                _EXT_EKU,
-                san,
-                x509.Extension(
-                    x509.SubjectKeyIdentifier.oid,
-                    False,
-                    x509.SubjectKeyIdentifier.from_public_key(public_key),
-                ),
-                self._ext_aki,
-            ],
-        ).sign(self._key, self._hash)
 
     def _probe(self) -> None:
         probe = ec.generate_private_key(ec.SECP256R1())
@@ -490,9 +359,8 @@ class Issuer:
     def spiffe_id_for(self, caller: Caller) -> SpiffeId:
         return self._identity(caller)[0]
 
-    def _identity(self, caller: Caller) -> tuple[SpiffeId, x509.Extension[Any], bytes]:
-        """The caller's SPIFFE ID and the critical SAN extension naming it, typed and as
-        DER (memoised)."""
+    def _identity(self, caller: Caller) -> tuple[SpiffeId, x509.Extension[Any]]:
+        """The caller's SPIFFE ID and the critical SAN extension naming it (memoised)."""
         key = (caller.namespace, caller.service_account)
         found = self._identities.get(key)
         if found is not None:
@@ -506,7 +374,7 @@ class Issuer:
                 reason="invalid_identity",
             ) from None
         san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))])
-        found = (spiffe_id, _pre_encoded(san, critical=True), _der(san, critical=True))
+        found = (spiffe_id, _pre_encoded(san, critical=True))
         if len(self._identities) >= _IDENTITY_CACHE:
             self._identities.clear()
         self._identities[key] = found
@@ -518,10 +386,10 @@ class Issuer:
         self, caller: Caller, csr_pem: str | bytes, *, requested_ttl: int = 0
     ) -> IssuedCertificate:
         """Check the CSR against the caller, sign, self-check; raise a ``CitadelError``."""
-        spiffe_id, san, san_der = self._identity(caller)
+        spiffe_id, san = self._identity(caller)
         ttl = self.ttl_for(requested_ttl)
-        csr, public_key = _parse_csr(csr_pem, max_bytes=self.max_csr_bytes)
-        public_key, key_type = _check_key(public_key)
+        csr = parse_csr(csr_pem, max_bytes=self.max_csr_bytes)
+        public_key, key_type = _check_key(csr)
         _check_extensions(csr, str(spiffe_id))
 
         now = datetime.fromtimestamp(int(self._clock()), UTC)
@@ -530,26 +398,29 @@ class Issuer:
         if not_after <= now:
             raise AuthorityError("the CA certificate has expired; rotate ca-cert.pem")
         serial = x509.random_serial_number()
-        rsa_key = key_type.startswith("rsa")
-        template = self._template
-        if template is not None and not (not_before.microsecond or not_after.microsecond):
-            der = template.sign(
-                template.tbs(
-                    serial=serial,
-                    not_before=not_before,
-                    not_after=not_after,
-                    public_key=public_key,
-                    rsa_key=rsa_key,
-                    san=san_der,
-                )
-            )
-            leaf = x509.load_der_x509_certificate(der)
-            self._self_check(leaf, spiffe_id, now)
-            pem = pem_certificate(der)
-        else:
-            leaf = self._typed_leaf(public_key, rsa_key, san, serial, not_before, not_after)
-            self._self_check(leaf, spiffe_id, now)
-            pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+        builder = x509.CertificateBuilder(
+            issuer_name=self._issuer_name,
+            subject_name=_EMPTY_NAME,
+            public_key=public_key,  # type: ignore[arg-type]
+            serial_number=serial,
+            not_valid_before=not_before,
+            not_valid_after=not_after,
+            extensions=[
+                _EXT_NOT_CA,
+                _EXT_KU_RSA if key_type.startswith("rsa") else _EXT_KU_EC,
+                _EXT_EKU,
+                san,
+                x509.Extension(
+                    x509.SubjectKeyIdentifier.oid,
+                    False,
+                    x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
+                ),
+                self._ext_aki,
+            ],
+        )
+        leaf = builder.sign(self._key, self._hash)
+        self._self_check(leaf, spiffe_id, now)
+        pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
         return IssuedCertificate(
             certificate=leaf,
             spiffe_id=spiffe_id,
@@ -569,12 +440,7 @@ class Issuer:
                 f"{now.isoformat()} (valid {self._window[0].isoformat()} to "
                 f"{self._window[1].isoformat()})"
             )
-        at, verifier = self._verifier
-        if at != now:  # leaves are issued at whole seconds: one verifier per second
-            verifier = (
-                verification.PolicyBuilder().store(self._store).time(now).build_client_verifier()
-            )
-            self._verifier = (now, verifier)
+        verifier = verification.PolicyBuilder().store(self._store).time(now).build_client_verifier()
         try:
             verified = verifier.verify(leaf, self._untrusted)
         except verification.VerificationError as exc:

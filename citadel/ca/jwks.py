@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -136,46 +135,19 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-#: ``json.loads(raw, parse_constant=...)`` builds a new decoder on every call; one is enough.
-_DECODER: Final = json.JSONDecoder(parse_constant=_no_constants)
-#: Parsed headers by their encoded segment. One issuer signs every token with one or two
-#: keys, so nearly every token carries one of a few identical headers; parsing is a pure
-#: function of those bytes (nothing verified is cached), and the entries are read-only.
-_HEADERS: dict[bytes, Mapping[str, Any]] = {}
-_HEADER_CACHE: Final = 64
-_HEADER_CACHE_MAX_BYTES: Final = 512
-
-
-def _json(raw: bytes) -> Any:
-    """What ``json.loads(raw, parse_constant=_no_constants)`` returns, same decoding."""
-    return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
-
-
-def _header(segment: bytes) -> Any:
-    found = _HEADERS.get(segment)
-    if found is not None:
-        return found
-    header = _json(_b64decode(segment))
-    if isinstance(header, dict) and len(segment) <= _HEADER_CACHE_MAX_BYTES:
-        if len(_HEADERS) >= _HEADER_CACHE:
-            _HEADERS.clear()
-        header = _HEADERS[segment] = MappingProxyType(header)
-    return header
-
-
-def _parse_jws(token: str) -> tuple[Mapping[str, Any], dict[str, Any], bytes, bytes]:
+def _parse_jws(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
     """Strict compact JWS: three canonical base64url segments, JSON objects in the first two."""
     try:
         data = token.encode("ascii")
         parts = data.split(b".")
         if len(parts) != 3:
             raise ValueError("not three segments")
-        header = _header(parts[0])
-        claims = _json(_b64decode(parts[1]))
+        header = json.loads(_b64decode(parts[0]), parse_constant=_no_constants)
+        claims = json.loads(_b64decode(parts[1]), parse_constant=_no_constants)
         signature = _b64decode(parts[2])
     except (ValueError, UnicodeError, binascii.Error):
         raise AuthenticationError("bearer token is not a well-formed JWT") from None
-    if not isinstance(header, Mapping) or not isinstance(claims, dict):
+    if not isinstance(header, dict) or not isinstance(claims, dict):
         raise AuthenticationError("bearer token is not a well-formed JWT")
     return header, claims, parts[0] + b"." + parts[1], signature
 
