@@ -25,6 +25,11 @@ processes on the lower half of the cores, this client on the rest, as if the cli
 on another machine); each phase's JSON says which cores each side had, and the client's
 own CPU use (``client_cpu_util``). The per-worker target is judged on the pinned phase.
 
+``--ab GIT_REF`` replaces the run with a code A/B: the CA as of GIT_REF (its ``citadel/``
+exported from git, imported through PYTHONPATH) against this work tree, the in-process
+pipeline of each side and both served CAs up at once with the load alternating between
+them in short slices (see ``code_ab``); for judging a change to the CA's hot path.
+
 Prints one JSON object with the figures, ratios, ``targets`` and ``os.cpu_count()``.
 The CA runs on ``--event-loop auto`` (uvloop when installed); one single-worker phase on
 the standard asyncio loop is measured beside it. ``--quick`` shortens every phase (a
@@ -328,15 +333,13 @@ def serve_and_drive(
     single: bool,
     event_loop: str = "auto",
     split: tuple[frozenset[int], frozenset[int]] | None = None,
-    env: dict[str, str] | None = None,
-    tag: str = "",
 ) -> dict:
     """``citadel ca serve --workers W`` in its own process group, driven from this one.
 
     With ``split`` (server cores, client cores) the CA's processes are pinned to the first
     set and this process to the second for the phase, as if the client were elsewhere."""
     port = loadgen.free_port()
-    audit = state / f"audit-w{workers}-{event_loop}{tag}.log"
+    audit = state / f"audit-w{workers}-{event_loop}.log"
     argv = [
         sys.executable, "-m", "citadel.cli", "ca", "serve",
         "--state-dir", str(state), "--listen", f"127.0.0.1:{port}",
@@ -346,10 +349,10 @@ def serve_and_drive(
     ]  # fmt: skip
     connections = 4 * workers
     out: dict = {"workers": workers, "event_loop": event_loop}
-    name = f"ca-w{workers}-{event_loop}{tag}" + ("-pinned" if split else "")
+    name = f"ca-w{workers}-{event_loop}" + ("-pinned" if split else "")
     out.update(cores.describe(split))
     with (
-        loadgen.ServerProcess(argv, name=name, log_dir=state, env=env) as server,
+        loadgen.ServerProcess(argv, name=name, log_dir=state) as server,
         client_on(split[1] if split else None),
     ):
         if split:
@@ -412,6 +415,15 @@ def export_ref(ref: str, into: Path) -> Path:
     return into
 
 
+def _served(state: Path, jwks: Path, port: int, name: str) -> list[str]:
+    return [
+        sys.executable, "-m", "citadel.cli", "ca", "serve",
+        "--state-dir", str(state), "--listen", f"127.0.0.1:{port}",
+        "--token-auth", "jwks", "--jwks-file", str(jwks),
+        "--audit-log", str(state / f"audit-{name}.log"), "--log-level", "warning",
+    ]  # fmt: skip
+
+
 def code_ab(
     state: Path,
     jwks: Path,
@@ -420,60 +432,88 @@ def code_ab(
     *,
     ref: str,
     rounds: int,
+    slices: int,
+    slice_s: float,
     concurrency: int,
-    seconds: float,
     base_s: float,
     split: tuple[frozenset[int], frozenset[int]] | None,
 ) -> dict:
-    """The CA of git ``ref`` (A) against this work tree (B), interleaved in one run.
+    """The CA of git ``ref`` (A) against this work tree (B) in one run.
 
-    Each round measures, for A then B (B then A on odd rounds, so drift hits both): the
-    in-process pipeline (a subprocess importing that code), the served 1-worker rate and
-    the CA's CPU per call, pinned (when the machine can pin) and unpinned."""
+    In-process pipeline: ``rounds`` subprocesses per side (each importing that side's
+    code), alternating. Served (unpinned, then pinned when the machine can pin): both CAs
+    are started once and stay up, and the load alternates between them in ``slices``
+    short slices each (A B, then B A, ...), CPU per call read from /proc per slice. On a
+    shared machine restarting a server per phase left +-8 % between identical builds;
+    adjacent slices share the drift, and the paired per-slice differences are reported
+    with how many slices B was cheaper in (an identical-code control came out at a
+    median of +0.004 ms over 24 slices)."""
     ref_dir = export_ref(ref, state / "ab-ref")
     (state / "ab-inputs.json").write_text(json.dumps({"tokens": tokens, "csrs": csrs}))
     variants = {"a_ref": {"PYTHONPATH": str(ref_dir)}, "b_work": {}}
     here = str(Path(__file__).resolve())
-    phases = [("unpinned", None)] + ([("pinned", split)] if split else [])
-    rows: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
-
-    def add(variant: str, key: str, value: float) -> None:
-        rows[variant].setdefault(key, []).append(value)
-
+    out: dict = {"ref": ref, "rounds": rounds, "slices": slices, "slice_seconds": slice_s}
+    pipe: dict[str, list[int]] = {v: [] for v in variants}
     for r in range(rounds):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))
-        for variant in order:
-            env = variants[variant]
-            out = subprocess.run(
+        for variant in list(variants) if r % 2 == 0 else list(reversed(variants)):
+            res = subprocess.run(
                 [sys.executable, here, "--pipeline-only", str(state), "--seconds", str(base_s)],
-                env={**os.environ, **env}, check=True, capture_output=True, text=True,
+                env={**os.environ, **variants[variant]}, check=True, capture_output=True,
+                text=True,
             )  # fmt: skip
-            add(variant, "pipeline_chain_per_s", json.loads(out.stdout)["pipeline_chain_per_s"])
-        for phase, sp in phases:
-            for variant in order:
-                res = serve_and_drive(
-                    state, jwks, tokens, csrs, workers=1, concurrency=concurrency,
-                    seconds=seconds, single=False, split=sp, env=variants[variant],
-                    tag=f"-ab-{variant}-{r}",
-                )["loaded"]  # fmt: skip
-                add(variant, f"{phase}_per_s", res["per_s"])
-                add(variant, f"{phase}_ca_cpu_ms_per_call", res["ca_cpu_ms_per_call"])
-                add(variant, f"{phase}_p99_ms", res["p99_ms"])
-    out: dict = {"ref": ref, "rounds": rounds, "seconds": seconds, "variants": {}}
-    for variant, cols in rows.items():
-        summary = {k: statistics.median(v) for k, v in cols.items()}
-        summary["runs"] = cols
-        for phase, _ in phases:
-            summary[f"{phase}_vs_pipeline"] = round(
-                summary[f"{phase}_per_s"] / summary["pipeline_chain_per_s"], 3
-            )
-        out["variants"][variant] = summary
-    a, b = out["variants"]["a_ref"], out["variants"]["b_work"]
-    out["b_vs_a"] = {
-        k: round(b[k] / a[k], 3)
-        for k in a
-        if k != "runs" and isinstance(a[k], int | float) and a[k]
+            pipe[variant].append(json.loads(res.stdout)["pipeline_chain_per_s"])
+    out["pipeline_chain_per_s"] = {
+        v: {"median": statistics.median(x), "runs": x} for v, x in pipe.items()
     }
+    root = (state / "cacerts" / "root-cert.pem").read_bytes()
+    for phase, sp in [("unpinned", None)] + ([("pinned", split)] if split else []):
+        ports = {v: loadgen.free_port() for v in variants}
+        with contextlib.ExitStack() as stack:
+            servers = {
+                v: stack.enter_context(
+                    loadgen.ServerProcess(
+                        _served(state, jwks, ports[v], f"ab-{v}-{phase}"),
+                        name=f"ab-{v}-{phase}", log_dir=state, env=env,
+                    )
+                )
+                for v, env in variants.items()
+            }  # fmt: skip
+            stack.enter_context(client_on(sp[1] if sp else None))
+            for v, server in servers.items():
+                if sp:
+                    pin_server(server.pid, sp[0])
+                wait_ready(ports[v], root, server.proc)
+                if sp:
+                    pin_server(server.pid, sp[0])
+                asyncio.run(drive(ports[v], root, tokens, csrs, 8, 1.0))  # warm up
+            rows: dict[str, dict[str, list[float]]] = {
+                v: {"cpu": [], "per_s": []} for v in variants
+            }
+            for k in range(slices):
+                for v in list(variants) if k % 2 == 0 else list(reversed(variants)):
+                    cpu0 = loadgen.group_cpu_seconds(servers[v].pid)
+                    res = asyncio.run(drive(ports[v], root, tokens, csrs, concurrency, slice_s))
+                    cpu = loadgen.group_cpu_seconds(servers[v].pid) - cpu0
+                    rows[v]["cpu"].append(round(1000 * cpu / max(1, res["calls"]), 3))
+                    rows[v]["per_s"].append(res["per_s"])
+            for server in servers.values():
+                server.check_alive()
+        diff = [b - a for a, b in zip(rows["a_ref"]["cpu"], rows["b_work"]["cpu"], strict=True)]
+        summary: dict = {"cores": cores.describe(sp)}
+        for v, cols in rows.items():
+            per_s = statistics.median(cols["per_s"])
+            summary[v] = {
+                "per_s": per_s,
+                "ca_cpu_ms_per_call": statistics.median(cols["cpu"]),
+                "vs_pipeline": round(per_s / out["pipeline_chain_per_s"][v]["median"], 3),
+                "slices": cols,
+            }
+        summary["b_minus_a_cpu_ms_per_call"] = {
+            "median": round(statistics.median(diff), 3),
+            "mean": round(statistics.fmean(diff), 3),
+            "slices_b_cheaper": f"{sum(d < 0 for d in diff)}/{len(diff)}",
+        }
+        out[phase] = summary
     return out
 
 
@@ -498,7 +538,9 @@ def main() -> None:
         help="instead of the full run: the CA as of GIT_REF against this work tree, "
         "interleaved (served 1 worker pinned/unpinned, CPU per call, in-process pipeline)",
     )
-    ap.add_argument("--ab-rounds", type=int, default=3)
+    ap.add_argument("--ab-rounds", type=int, default=3, help="--ab: pipeline runs per side")
+    ap.add_argument("--ab-slices", type=int, default=12, help="--ab: load slices per side")
+    ap.add_argument("--ab-slice-seconds", type=float, default=1.5)
     ap.add_argument("--pipeline-only", metavar="STATE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.pipeline_only:  # one A/B side's in-process pipeline (a subprocess of --ab)
@@ -524,7 +566,8 @@ def main() -> None:
         if args.ab:
             ab_out = code_ab(
                 state, dev.jwks_path, tokens, csrs, ref=args.ab, rounds=args.ab_rounds,
-                concurrency=args.concurrency, seconds=load_s, base_s=base_s, split=split,
+                slices=args.ab_slices, slice_s=args.ab_slice_seconds,
+                concurrency=args.concurrency, base_s=base_s, split=split,
             )  # fmt: skip
             ab_out.update(bench="ca-ab", cpu_count=os.cpu_count(), quick=args.quick)
             print(json.dumps(ab_out, indent=2))
