@@ -2,7 +2,7 @@
 
 Issue 3's "done when" and issue 7 target 2. For policies of 10, 1,000 and 10,000 rules
 (1,000 role assignments each), ``citadel authz serve`` runs in its own process with the
-audit log ON (to a file), and the load generator (its own process) offers 500, 1,000 and
+audit log ON (to a file), and the load generator (its own process) offers 1,000 and
 2,000 rps open loop (latency from each request's due time, so queueing counts), then finds
 the closed-loop maximum at 16 in flight. The same loads hit the trivial always-OK
 servicer (``bench/trivial_authz.py``) in the same run, and plain pycasbin ``enforce()`` is
@@ -71,7 +71,7 @@ import policies
 _HERE = Path(__file__).resolve().parent
 
 RULE_SIZES = (10, 1000, 10000)
-RATES = (500, 1000, 2000)
+RATES = (1000, 2000)
 TARGET_RATIO = 0.80
 TARGET_P99_MS = 2.0
 TARGET_RATE = 1000
