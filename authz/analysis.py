@@ -17,7 +17,7 @@ import ast
 import bisect
 import dataclasses
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -118,17 +118,16 @@ def analyse(
     policy: Policy,
     *,
     extra_functions: Collection[str] = (),
-    acyclic: Mapping[str, list[tuple[str, ...]]] | None = None,
     previous: Analysis | None = None,
 ) -> Analysis:
     """Validate ``policy`` completely and decide whether it compiles.
 
     Raises PolicyError (with file and line where known) for anything pycasbin would
     refuse or fail on at request time, so the reload path can keep the last good policy.
-    ``acyclic``: role rows already proven free of cycles (the serving revision's); a role
-    definition whose rows equal them is not walked again. ``previous``: the serving
-    revision's analysis; when ``policy.splice`` says how its rows derive from that
-    revision (same model), only the new rows are checked and the rest are spliced in.
+    ``previous``: the serving revision's analysis. Its role rows were proven free of
+    cycles, so a role definition whose rows equal them is not walked again; when
+    ``policy.splice`` says how the rows derive from that revision (same model), only the
+    new rows are checked and the rest are spliced in.
     """
     if (
         previous is not None
@@ -153,7 +152,7 @@ def analyse(
     breathe()
     for gkey, arity in analysis.g_arity.items():
         rows = analysis.g_rows.get(gkey, [])
-        if acyclic is None or acyclic.get(gkey) != rows:
+        if previous is None or previous.g_rows.get(gkey) != rows:
             _check_acyclic(gkey, arity, rows, policy)
     return analysis
 

@@ -388,10 +388,6 @@ class CompiledEngine:
                         queue.append(role)
         return res
 
-    def role_rows(self) -> dict[str, list[tuple[str, ...]]]:
-        """Role definition -> its rows, as analysed (all proven acyclic at load)."""
-        return self._g_rows
-
     def hot_keys(self, limit: int) -> list[tuple[str, str, str, str]]:
         """The most recently cached request tuples, newest last (for warming a successor)."""
         keys = list(self._cache)  # one C-level copy; safe beside concurrent decide()

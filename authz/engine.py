@@ -160,7 +160,6 @@ def build_engine(
     analysis = analyse(
         policy,
         extra_functions=tuple(functions or ()),
-        acyclic=prior.role_rows() if prior is not None else None,
         previous=prior.analysis if prior is not None else None,
     )
     if analysis.conjuncts is not None:

@@ -179,11 +179,6 @@ def parse_policy_rows(
     return tuple(rows), tuple(lines)
 
 
-def _read_texts(d: Path) -> tuple[str, str]:
-    model_text, raw = _read_raw(d)
-    return model_text, _decode(raw)
-
-
 def _read_raw(d: Path) -> tuple[str, bytes]:
     """``model.conf`` as text and ``policy.csv`` as bytes (decoded only where it changed)."""
     out: list[str | bytes] = []
