@@ -42,7 +42,7 @@ class ConfigMapDir:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
-    def write(self, files: dict[str, str]) -> None:
+    def write(self, files: dict[str, str | bytes]) -> None:
         old = None
         data = self.root / "..data"
         if data.is_symlink():
@@ -51,7 +51,10 @@ class ConfigMapDir:
         ts.mkdir()
         for name, text in files.items():
             (ts / name).parent.mkdir(parents=True, exist_ok=True)
-            (ts / name).write_text(text)
+            if isinstance(text, bytes):
+                (ts / name).write_bytes(text)
+            else:
+                (ts / name).write_text(text)
         tmp = self.root / "..data_tmp"
         os.symlink(ts.name, tmp)
         os.replace(tmp, data)
@@ -318,6 +321,11 @@ BROKEN = {
     "wrong_arity": ({"policy.csv": f"# c\np, role:x, {HOST}, /a, ^GET$\n"}, "policy.csv", 2),
     "unknown_ptype": ({"policy.csv": "\n\nq, a, b\n"}, "policy.csv", 3),
     "bad_effect": ({"policy.csv": f"p, role:x, {HOST}, /a, ^GET$, maybe\n"}, "policy.csv", 1),
+    "policy_not_utf8": (
+        {"policy.csv": b"# c\np, role:x, " + HOST.encode() + b", /\xff, ^GET$, allow\n"},
+        "policy.csv",
+        2,
+    ),
     "failing_policy_test": (
         {
             "tests/shop.yaml": (
