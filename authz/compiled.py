@@ -149,16 +149,7 @@ class CompiledEngine:
         #: the (row, id, is_deny) items it was built from, in id order.
         self._top: dict[str, Any] = {}
         self._groups: dict[str, list[tuple[tuple[str, ...], int, bool]]] = {}
-        #: This build's identity; the identity of the build it shares subtrees with, and
-        #: the first-level keys it rebuilt (set by an incremental build, same roles).
-        self._token = object()
-        self._base: object | None = None
-        self._changed: frozenset[str] = frozenset()
-        #: Keys ``warm`` took from the source engine instead of deciding them, and the
-        #: source's cached decisions by identity -> row id (what it carries from).
-        self.warm_carried = 0
-        self._carry_rows: tuple[object, dict[int, int]] | None = None
-        self._root = self._build(delta, previous, same_roles=same_roles)
+        self._root = self._build(delta, previous)
         #: row id (-1: none decided) -> (decision, the same marked cached), built on first
         #: use and then shared: a frozen dataclass costs a fifth of a decision, and
         #: building all of them up front would slow every load.
@@ -232,9 +223,7 @@ class CompiledEngine:
             # any other eft is Effector.INDETERMINATE: it can never change the outcome
         return items
 
-    def _build(
-        self, delta: _RowDelta | None, previous: CompiledEngine | None, *, same_roles: bool
-    ) -> Any:
+    def _build(self, delta: _RowDelta | None, previous: CompiledEngine | None) -> Any:
         if not self._rows:
             # pycasbin evaluates the matcher once with every policy field "" and counts a
             # match as allow (with no row to explain it): id 0, decided in _decision_pair.
@@ -254,10 +243,6 @@ class CompiledEngine:
             top = dict(previous._top)
             for key in keys:
                 top.pop(key, None)
-            # What warm(source=previous) needs to tell a shared subtree from a rebuilt
-            # one; only names and values, never previous itself (see reload.retire).
-            if same_roles:
-                self._base, self._changed = previous._token, frozenset(keys)
             self.build = {
                 "mode": "incremental",
                 "rows_rebuilt": sum(map(len, rebuild.values())),
@@ -387,70 +372,6 @@ class CompiledEngine:
                         res.append(role)
                         queue.append(role)
         return res
-
-    def hot_keys(self, limit: int) -> list[tuple[str, str, str, str]]:
-        """The most recently cached request tuples, newest last (for warming a successor)."""
-        keys = list(self._cache)  # one C-level copy; safe beside concurrent decide()
-        return keys[-limit:] if limit > 0 else []
-
-    def warm(
-        self, keys: Iterable[tuple[str, str, str, str]], *, source: Any = None, fresh: bool = True
-    ) -> int:
-        """Cache answers for ``keys`` now so the first live requests after a swap hit.
-
-        With ``source``, the engine this one was built from incrementally, a key whose
-        request reaches only first-level subtrees this build shared takes the row that
-        decided it there (same nodes, same leaves, same row id) without walking the
-        index again: about a tenth of a decision. Every other key is decided afresh, or
-        with ``fresh=False`` left to be decided when it is asked (a reload then spends
-        nothing on the subtrees it rebuilt). Returns how many keys were cached.
-        """
-        keys = list(keys)
-        cache, limit = self._cache, self._cache_size
-        plan = self._carried(keys, source)
-        if plan is None:  # nothing can carry (a full build): fill the cold cache
-            plan, fresh = [None] * len(keys), True
-        done = 0
-        for key, hit in zip(keys, plan, strict=True):
-            if hit is not None and len(cache) < limit:
-                cache[key] = hit
-                self.warm_carried += 1
-            elif fresh:
-                self.decide(*key)
-            else:
-                continue
-            done += 1
-        return done
-
-    def _carried(self, keys: list[tuple[str, str, str, str]], source: Any) -> list[Any] | None:
-        """Per key, the cached Decision it carries over from ``source``, or None (decide
-        it); None when this engine was not built from ``source``. Mapped over the whole
-        batch (a warm-up is thousands of keys per reload)."""
-        if (
-            type(source) is not CompiledEngine
-            or self._base is not source._token
-            or not self._levels
-            or self._levels[0].func not in ("g", "==")
-        ):
-            return None
-        level, ri = self._levels[0], self._levels[0].ri
-        names = getattr(level, "names", None) or (lambda req: (req[ri],))
-        memo = self._carry_rows
-        if memo is None or memo[0] is not source._token:
-            rows = {id(pair[1]): rid for rid, pair in list(source._decide_table.items())}
-            memo = self._carry_rows = (source._token, rows)
-        rids = map(memo[1].get, map(id, map(source._cache.get, keys)))
-        shared = map(self._changed.isdisjoint, map(names, keys))
-        table, out = self._decide_table, []
-        for rid, ok in zip(rids, shared, strict=True):
-            if rid is None or not ok:
-                out.append(None)
-                continue
-            pair = table.get(rid)
-            if pair is None:
-                pair = table[rid] = self._decision_pair(rid)
-            out.append(pair[1])
-        return out
 
     def cache_info(self) -> dict[str, int]:
         return {"size": len(self._cache), "max": self._cache_size}

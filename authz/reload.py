@@ -47,7 +47,7 @@ from authz.loading import (
     load_engine_from,
     shared_build_worker,
 )
-from authz.pacing import breathe, paced
+from authz.pacing import paced
 from authz.policy import MODEL_FILE, POLICY_FILE, Policy, PolicyBytes, PolicyReader
 from authz.policytests import failure_error, find_test_files, load_cases, run_cases
 from authz.snapshot import EMPTY, MISSING, Snapshot, dir_state, resolve_dir, snapshot
@@ -63,7 +63,6 @@ __all__ = [
     "register_metrics",
     "resolve_dir",
     "retire",
-    "warm_successor",
 ]
 
 log = get_logger("authz.reload")
@@ -126,37 +125,6 @@ def load_candidate(
                 continue  # a swap landed while we read; read the new generation
             raise
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def warm_successor(
-    old: Engine, new: Engine, *, limit: int, chunk: int = 256, pause: float = 0.0002
-) -> int:
-    """Decide the old engine's most recent requests on the new one before the swap, so the
-    traffic that was hot keeps hitting a cache (a cold cache raised decide() p99 about ten
-    times during reloads). A new engine built incrementally from ``old`` takes over the
-    answers of requests that reach only subtrees it shares, and leaves the others to be
-    decided when asked: deciding them here (~1/7 of the keys after a one-role edit) was
-    most of a reload's warm-up CPU. Best effort: engines without a cache are left as
-    they are, and a failure here never blocks the reload (the new engine was already
-    validated). Runs in ``chunk``-key slices with a ``pause`` between them, so the event
-    loop deciding Checks gets the GIL back every few milliseconds. Returns the keys
-    cached."""
-    hot = getattr(old, "hot_keys", None)
-    warm = getattr(new, "warm", None)
-    if hot is None or warm is None or limit <= 0:
-        return 0
-    try:
-        keys = list(hot(limit))
-        done = 0
-        for i in range(0, len(keys), max(chunk, 1)):
-            if i:
-                time.sleep(pause)
-            done += int(warm(keys[i : i + chunk], source=old, fresh=False))
-            breathe()
-        return done
-    except Exception:  # a request the new policy cannot decide is decided live (and denied)
-        log.warning("cache warm-up skipped", exc_info=True)
-        return 0
 
 
 #: References to a replaced engine that ``retire`` itself accounts for: the caller's
@@ -357,7 +325,6 @@ class Reloader:
         watch: bool = True,
         run_tests: bool = True,
         gc_freeze: bool = True,
-        warm_keys: int = 0,
         isolate: bool = True,
         retire_slices: bool = True,
         incremental: bool = True,
@@ -377,13 +344,6 @@ class Reloader:
         #: permanent generation so later full collections do not rescan a large engine.
         #: Engines are acyclic (freed by refcount when dropped), so nothing of theirs leaks.
         self.gc_freeze = gc_freeze
-        #: How many of the serving engine's most recent requests the new engine takes over
-        #: or decides before the swap (see warm_successor). Off by default: at 1,000 rps
-        #: with 10,000 rules, warming 2,048 keys took ~6-10 ms of the serving process's
-        #: GIL per reload (two thirds of its reload CPU), and Check p99 during reloads
-        #: was 17-19 ms with it against 7-8 ms without, in one interleaved run; a cold
-        #: cache costs each first request a few microseconds instead, spread over time.
-        self.warm_keys = warm_keys
         #: Parse and test candidates in a helper process (authz/loading.py BuildWorker),
         #: so only the engine build takes the serving process's GIL.
         self.worker: BuildWorker | None = shared_build_worker() if isolate else None
@@ -460,8 +420,6 @@ class Reloader:
                 changed = engine.revision != serving
                 old = self.state.engine
                 if changed:
-                    warm_successor(old, engine, limit=self.warm_keys)
-                    duration = time.perf_counter() - t0
                     cpu = time.thread_time() - cpu0
                     self.state.swap(engine, duration_s=duration, rules=len(policy.rows), cpu_s=cpu)
                 del engine  # the state holds it

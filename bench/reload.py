@@ -253,7 +253,6 @@ VARIANTS: dict[str, dict] = {
     "pace_1ms": {"pace_s": 0.001},
     "pace_200us": {"pace_s": 0.0002},
     "thread": {"isolate": False},
-    "warm": {"warm_keys": 2048},
     "no_freeze": {"gc_freeze": False},
 }
 CHECK_RULES = 10000

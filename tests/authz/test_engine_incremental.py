@@ -142,9 +142,6 @@ def test_incremental_build_decides_as_a_full_build(variant: str) -> None:
             new = build_engine(policy, previous=serving)
             full = build_engine(policy)
             assert isinstance(new, CompiledEngine)
-            # Warmed from the serving engine's cache: carried answers equal fresh ones.
-            assert new.warm(reqs, source=serving) == len(reqs)
-            carried.append(new.warm_carried)
             assert _decisions(new, reqs) == _decisions(full, reqs)
             # Building from the serving engine changed nothing it decides.
             assert _decisions(serving, reqs) == before
@@ -157,13 +154,10 @@ def test_incremental_build_decides_as_a_full_build(variant: str) -> None:
             assert _decisions(new, reqs) == _decisions(full, reqs)
 
     modes: set[str] = set()
-    carried: list[int] = []
     spliced: list[bool] = []
     run()
     assert "incremental" in modes
     assert any(spliced)  # analyses were spliced into the serving one's, not only re-read
-    if VARIANTS[variant][1].startswith(("g(", "r.sub ==", "p.sub ==")):
-        assert sum(carried) > 0  # the carry path ran, not only fresh decisions
 
 
 def _model(variant: str) -> str:

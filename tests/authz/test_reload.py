@@ -228,28 +228,6 @@ def test_unchanged_content_is_a_noop(cm: ConfigMapDir) -> None:
     assert reloader.reload_now().changed is False
 
 
-def test_new_revision_starts_with_the_old_ones_hot_requests_decided(cm: ConfigMapDir) -> None:
-    """With ``warm_keys`` (off by default), the successor engine decides the serving
-    engine's recent requests before the swap, so the first live requests after a reload
-    hit a warm cache, with the NEW policy's answers (a warm-up must never carry an old
-    decision across)."""
-    state = initial_state(cm.root)
-    for probe in PROBES:
-        state.engine.decide(*probe)
-    reloader = Reloader(state, cm.root, warm_keys=len(PROBES))
-    cm.write({"model.conf": MODEL, "policy.csv": variant(1)})
-    assert reloader.reload_now().changed
-    reference = new_enforcer(Policy.from_texts(MODEL, variant(1)))
-    for probe in PROBES:
-        decision = state.engine.decide(*probe)
-        assert decision.cached, probe
-        assert decision.allowed == reference.enforce(*probe), probe
-    cold = Reloader(state, cm.root, warm_keys=0)
-    cm.write({"model.conf": MODEL, "policy.csv": variant(2)})
-    assert cold.reload_now().changed
-    assert not state.engine.decide(*PROBES[0]).cached
-
-
 def test_reload_builds_from_the_serving_engine_and_says_so(cm: ConfigMapDir) -> None:
     """A one-row edit rebuilds only that row's subtree; every revision still decides as
     pycasbin does; a model change, or ``incremental=False``, builds in full."""

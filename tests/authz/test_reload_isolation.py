@@ -1,4 +1,4 @@
-"""Reloads that spare the serving process: the helper process, sliced warm-up and teardown."""
+"""Reloads that spare the serving process: the helper process and sliced teardown."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from authz.engine import build_engine, new_enforcer
+from authz.engine import new_enforcer
 from authz.loading import BuildWorker
 from authz.policy import Policy, load_policy_dir
 from authz.reload import (
@@ -20,7 +20,6 @@ from authz.reload import (
     initial_state,
     load_candidate,
     retire,
-    warm_successor,
 )
 from tests.authz.test_reload import BROKEN, HOST, MODEL, PROBES, ConfigMapDir, variant
 
@@ -192,36 +191,3 @@ def test_retire_leaves_an_engine_in_use_alone(cm: ConfigMapDir) -> None:
     expected = [engine.decide(*p).allowed for p in PROBES]
     assert not retire(engine)
     assert [engine.decide(*p).allowed for p in PROBES] == expected
-
-
-def test_warm_up_in_slices_warms_every_key(cm: ConfigMapDir) -> None:
-    _, old = load_candidate(cm.root)
-    _, new = load_candidate(cm.root)
-    for probe in PROBES:
-        old.decide(*probe)
-    assert warm_successor(old, new, limit=len(PROBES), chunk=2) == len(PROBES)
-    assert all(new.decide(*p).cached for p in PROBES)
-
-
-def test_warm_up_after_an_edit_carries_shared_answers_and_leaves_the_rest(
-    cm: ConfigMapDir,
-) -> None:
-    """A successor built from the serving engine takes over the answers of requests that
-    reach only subtrees it shares; the others are decided when asked, not during the
-    reload, and every answer equals a from-scratch engine's."""
-    policy, old = load_candidate(cm.root)
-    for probe in PROBES:
-        old.decide(*probe)
-    edited = Policy.from_texts(
-        policy.model_text, policy.policy_text + f"\np, {PROBES[0][0]}, *, /edited, GET, allow"
-    )
-    new = build_engine(edited, previous=old)
-    assert new.build["mode"] == "incremental"
-    cached = warm_successor(old, new, limit=len(PROBES), chunk=2)
-    carried = [p for p in PROBES if new.decide(*p).cached]
-    assert cached == len(carried) == new.warm_carried
-    assert 0 < len(carried) < len(PROBES)  # the edited subject's requests were left
-    fresh = build_engine(edited)
-    for probe in PROBES:
-        got, want = new.decide(*probe), fresh.decide(*probe)
-        assert (got.allowed, got.rule) == (want.allowed, want.rule)
