@@ -10,6 +10,7 @@ exactness comes first, speed second.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -71,8 +72,41 @@ def compile_pattern(func: str, pattern: str) -> Callable[[str], object]:
     if func == "regexMatch":
         return re.compile(pattern).match
     if func == "globMatch":
-        return lambda value: glob_match(value, pattern)
+        return glob_predicate(pattern)
     raise ValueError(f"no compiled form for {func}")
+
+
+_GLOB_META = frozenset("*?[\\")
+
+
+@functools.lru_cache(maxsize=4096)
+def glob_predicate(pattern: str) -> Callable[[str], bool]:
+    """``glob_match(value, pattern)`` as a predicate, one per pattern text.
+
+    pycasbin walks a glob in Python (~7 µs a call). Hosts are globbed against few
+    distinct patterns but from thousands of index nodes (one per path group), so the
+    answers are memoised per pattern, shared by every node that holds it, rather than
+    per node, where each node's first request paid the walk again. Two shapes that
+    ``glob_match`` decides without a walk skip it: a pattern without metacharacters
+    compares characters to the end (equality), and a pattern of stars only accepts any
+    value without a ``/``.
+    """
+    if not _GLOB_META.intersection(pattern):
+        return pattern.__eq__
+    if pattern.strip("*") == "":
+        return lambda value: "/" not in value
+    memo: dict[str, bool] = {}
+
+    def match(value: str) -> bool:
+        hit = memo.get(value)
+        if hit is None:
+            hit = bool(glob_match(value, pattern))
+            if len(memo) >= GLOB_MEMO_SIZE:
+                memo.clear()  # racing threads may both clear; each answer is exact
+            memo[value] = hit
+        return hit
+
+    return match
 
 
 class Level:
