@@ -15,10 +15,12 @@ from typing import Any
 
 __all__ = [
     "TRACE_HEADERS",
+    "XFCC_HEADER",
     "address",
     "downstream_tls",
     "ext_authz_cluster",
     "ext_authz_filter",
+    "ext_authz_http_filter",
     "http_connection_manager",
     "listener",
     "pipe",
@@ -36,6 +38,8 @@ Json = dict[str, Any]
 #: Envoy only these: a smaller CheckRequest to build and parse, and credentials
 #: (``authorization``, ``cookie``) never leave the sidecar for the authz service.
 TRACE_HEADERS = ("x-request-id", "traceparent", "x-b3-traceid")
+#: Where Envoy puts the verified peer's identity for an HTTP ext_authz check.
+XFCC_HEADER = "x-forwarded-client-cert"
 
 _TYPE = "type.googleapis.com/envoy.extensions"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -124,20 +128,30 @@ def router() -> Json:
 
 
 def http_connection_manager(
-    stat_prefix: str, routes: Sequence[Json], http_filters: Sequence[Json] = ()
+    stat_prefix: str,
+    routes: Sequence[Json],
+    http_filters: Sequence[Json] = (),
+    *,
+    xfcc_uri: bool = False,
 ) -> Json:
-    """The HCM network filter: every host, ``routes`` in order, ``http_filters`` then router."""
-    return {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": f"{_TYPE}.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": stat_prefix,
-            "route_config": {
-                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": list(routes)}]
-            },
-            "http_filters": [*http_filters, router()],
+    """The HCM network filter: every host, ``routes`` in order, ``http_filters`` then router.
+
+    ``xfcc_uri``: replace any ``x-forwarded-client-cert`` a client sent with one naming the
+    URI SAN of the certificate this listener verified (what the HTTP ext_authz variant
+    reads the caller's identity from; a header the client wrote must never reach it).
+    """
+    hcm: Json = {
+        "@type": f"{_TYPE}.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": stat_prefix,
+        "route_config": {
+            "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": list(routes)}]
         },
+        "http_filters": [*http_filters, router()],
     }
+    if xfcc_uri:
+        hcm["forward_client_cert_details"] = "SANITIZE_SET"
+        hcm["set_current_client_cert_details"] = {"uri": True}
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
 
 
 def ext_authz_filter(
@@ -163,6 +177,38 @@ def ext_authz_filter(
         cfg["allowed_headers"] = {"patterns": [{"exact": h} for h in allowed_headers]}
     cfg.update(options)
     cfg["grpc_service"] = {"envoy_grpc": {"cluster_name": cluster}, "timeout": timeout}
+    return {"name": "envoy.filters.http.ext_authz", "typed_config": cfg}
+
+
+def ext_authz_http_filter(
+    cluster: str,
+    uri: str,
+    *,
+    path_prefix: str = "/ext_authz",
+    timeout: str = "2s",
+    headers: Sequence[str] = (XFCC_HEADER, *TRACE_HEADERS),
+    **options: Any,
+) -> Json:
+    """The ext_authz HTTP filter asking ``cluster`` over plain HTTP (citadel's admin port,
+    ``path_prefix`` + the original path, the original method and Host); fails closed.
+
+    The caller's identity travels in ``x-forwarded-client-cert``, so the listener's HCM
+    must set it from the verified peer (``http_connection_manager(xfcc_uri=True)``) and
+    citadel must run with ``--trust-xfcc``.
+    """
+    cfg: Json = {
+        "@type": f"{_TYPE}.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "failure_mode_allow": False,
+        "allowed_headers": {"patterns": [{"exact": h} for h in headers]},
+        # Envoy adds Authorization to an HTTP check by default; credentials stay here.
+        "disallowed_headers": {"patterns": [{"exact": h} for h in ("authorization", "cookie")]},
+    }
+    cfg.update(options)
+    cfg["http_service"] = {
+        "server_uri": {"uri": uri, "cluster": cluster, "timeout": timeout},
+        "path_prefix": path_prefix,
+    }
     return {"name": "envoy.filters.http.ext_authz", "typed_config": cfg}
 
 
