@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=3.0)
-    p.add_argument("--rounds", type=int, default=4, help="paired h2load rounds (1 and 2 workers)")
+    p.add_argument("--rounds", type=int, default=3, help="paired h2load rounds (1 and 2 workers)")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--streams", type=int, default=4, help="in flight per connection")
