@@ -37,8 +37,16 @@ from citadel.ca.authority import init_authority
 from citadel.ca.jwks import JwksAuthenticator
 from citadel.ca.server import CAConfig, RunningCA, start_ca
 from citadel.dev import DevIssuer, init_dev_issuer, load_dev_issuer, mint_token
+from citadel.envoyproc import EnvoyProcess, find_envoy, validate
 
-__all__ = ["CAHandle", "LoopThread", "ca_serve_cmd", "make_ca_state", "running_ca"]
+__all__ = [
+    "CAHandle",
+    "LoopThread",
+    "ca_serve_cmd",
+    "make_ca_state",
+    "running_ca",
+    "validated_envoy",
+]
 
 TRUST_DOMAIN = "cluster.local"
 
@@ -155,3 +163,15 @@ def ca_serve_cmd(state_dir: Path, port: int, *extra: str) -> list[str]:
         "--jwks-file", str(state_dir / "dev-issuer" / "jwks.json"),
         *extra,
     ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def validated_envoy(config: dict[str, Any], work_dir: Path) -> Iterator[EnvoyProcess]:
+    """A real Envoy on ``config``, ready; always stopped. The bootstrap goes through
+    ``--mode validate`` first, so a bad one fails with Envoy's own message rather than as a
+    readiness timeout."""
+    binary = find_envoy()
+    check = validate(config, binary=binary)
+    assert check.returncode == 0, check.stdout + check.stderr
+    with EnvoyProcess(config, work_dir=work_dir, binary=binary) as envoy:
+        yield envoy.wait_ready()

@@ -17,9 +17,10 @@ import pytest
 
 from citadel import envoyconf as conf
 from citadel.audit import read_records
-from citadel.envoyproc import EnvoyProcess, find_envoy, validate
+from citadel.envoyproc import find_envoy
 from tests.authz.conftest import POLICIES, ServerThread, config_for
 from tests.conftest import free_port
+from tests.e2e.conftest import validated_envoy
 
 pytestmark = pytest.mark.envoy
 
@@ -84,10 +85,7 @@ def envoy_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         upstream=upstream.server_address[1], citadel=citadel.running.grpc_port, **ports
     )
     try:
-        check = validate(cfg, binary=ENVOY)
-        assert check.returncode == 0, check.stdout + check.stderr
-        with EnvoyProcess(cfg, work_dir=tmp, binary=ENVOY) as envoy:
-            envoy.wait_ready()
+        with validated_envoy(cfg, tmp):
             yield {
                 "ports": ports,
                 "upstream": upstream,

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from citadel import envoyconf as conf
 from citadel.audit import read_records
-from citadel.envoyproc import EnvoyProcess, find_envoy, validate
+from citadel.envoyproc import find_envoy
 from tests.authz.conftest import (
     FRONTEND,
     ORDERS,
@@ -39,6 +39,7 @@ from tests.authz.conftest import (
 )
 from tests.citadel.agent.pki import MiniCA, serving_pair
 from tests.conftest import free_port
+from tests.e2e.conftest import validated_envoy
 
 ENVOY = find_envoy()
 pytestmark = [
@@ -143,10 +144,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         upstream=upstream.server_address[1],
     )
     try:
-        check = validate(cfg, binary=ENVOY)
-        assert check.returncode == 0, check.stdout + check.stderr
-        with EnvoyProcess(cfg, work_dir=tmp, binary=ENVOY) as envoy:
-            envoy.wait_ready()
+        with validated_envoy(cfg, tmp):
             yield {
                 "ports": ports,
                 "pki": pki,
