@@ -119,11 +119,13 @@ def envoy_config(pki: dict[str, Path], ports: dict[str, int], *, citadel: int, r
             "listeners": [
                 inbound("guarded", "citadel_http", citadel),
                 inbound("recorded", "recorder", recorder),
+                inbound("orphan", "citadel_down", ports["dead"]),
             ],
             "clusters": [
                 conf.static_cluster("citadel_http", conf.address(citadel)),
                 conf.static_cluster("recorder", conf.address(recorder)),
                 conf.static_cluster("upstream", conf.address(upstream)),
+                conf.static_cluster("citadel_down", conf.address(ports["dead"])),
             ],
         },
     }
@@ -135,7 +137,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     pki = _write_pki(tmp)
     recorder, upstream = _recorder(), _recorder()
     citadel = ServerThread(config_for(POLICIES, tmp / "audit.log", trust_xfcc=True))
-    ports = {"admin": free_port(), "guarded": free_port(), "recorded": free_port()}
+    ports = {name: free_port() for name in ("admin", "guarded", "recorded", "orphan", "dead")}
     cfg = envoy_config(
         pki,
         ports,
@@ -217,3 +219,10 @@ def test_authz_service_sees_only_envoys_xfcc_and_no_credentials(setup) -> None:
     assert "authorization" not in seen and "cookie" not in seen
     assert seen["x-request-id"] == "req-1"
     assert seen["host"] == ORDERS_HOST
+
+
+def test_authz_service_down_denies(setup) -> None:
+    """Fail closed: nothing listens where this listener's checks go."""
+    before = len(setup["upstream"].seen)
+    assert _send(setup, "orphan", "GET", "/api/orders", {"host": ORDERS_HOST}) == 403
+    assert len(setup["upstream"].seen) == before
