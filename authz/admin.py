@@ -35,7 +35,13 @@ from authz.request import ANONYMOUS, Refused, principal_from_xfcc, trace_id_from
 from authz.service import DECISION_HEADER
 from authz.state import LoadOutcome, PolicyState
 
-__all__ = ["AdminApp", "ExplainRequest", "create_admin_app", "problem"]
+__all__ = [
+    "AdminApp",
+    "ExplainRequest",
+    "create_admin_app",
+    "create_ext_authz_app",
+    "problem",
+]
 
 PROBLEM_TYPE = "application/problem+json"
 _STATUS_TITLES = {
@@ -186,7 +192,7 @@ class AdminApp:
     """ASGI app: the ext_authz HTTP variant under ``http_prefix``, FastAPI for the rest."""
 
     def __init__(
-        self, *, api: FastAPI, pipeline: DecisionPipeline, http_prefix: str, trust_xfcc: bool
+        self, *, api: Any, pipeline: DecisionPipeline, http_prefix: str, trust_xfcc: bool
     ) -> None:
         self.api = api
         self.pipeline = pipeline
@@ -279,3 +285,23 @@ def create_admin_app(
         state=state, metrics=metrics, ready=ready, http_prefix=http_prefix, reload=reload
     )
     return AdminApp(api=api, pipeline=pipeline, http_prefix=http_prefix, trust_xfcc=trust_xfcc)
+
+
+def create_ext_authz_app(
+    *, pipeline: DecisionPipeline, http_prefix: str = "/ext_authz", trust_xfcc: bool = False
+) -> AdminApp:
+    """Envoy's HTTP ext_authz variant alone, for its own listener (``--http-listen``).
+
+    Every sidecar must reach the port the variant is served on; the admin port also takes
+    reloads and answers explain, policy and metrics, which no workload should reach. Here
+    any other path is a 404 problem document.
+    """
+    prefix = "/" + http_prefix.strip("/")
+
+    async def not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await problem(404, f"only Envoy's HTTP ext_authz is served here, under {prefix}")(
+                scope, receive, send
+            )
+
+    return AdminApp(api=not_found, pipeline=pipeline, http_prefix=prefix, trust_xfcc=trust_xfcc)

@@ -78,6 +78,13 @@ def serve(
     http_prefix: Annotated[
         str, typer.Option(help="Path prefix of Envoy's HTTP ext_authz variant.")
     ] = "/ext_authz",
+    http_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve Envoy's HTTP ext_authz variant alone on this HOST:PORT (every worker), "
+            "so sidecars need not reach the admin port."
+        ),
+    ] = None,
     max_message_bytes: Annotated[
         int, typer.Option(help="Largest CheckRequest accepted.")
     ] = DEFAULT_MAX_MESSAGE_BYTES,
@@ -125,6 +132,7 @@ def serve(
         client_ca=client_ca,
         trust_xfcc=trust_xfcc,
         http_prefix=http_prefix,
+        http_listen=http_listen,
         max_message_bytes=max_message_bytes,
         grace_s=grace,
         shadow_policy_dir=shadow_policy_dir,

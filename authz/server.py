@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import uvicorn
@@ -31,7 +32,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.core import GaugeMetricFamily
 
-from authz.admin import AdminApp, create_admin_app
+from authz.admin import AdminApp, create_admin_app, create_ext_authz_app
 from authz.decisions import DecisionPipeline
 from authz.metrics import AuthzMetrics
 from authz.reload import Reloader, initial_state
@@ -66,6 +67,9 @@ class AuthzConfig:
     client_ca: Path | None = None
     trust_xfcc: bool = False
     http_prefix: str = "/ext_authz"
+    #: Envoy's HTTP ext_authz variant alone on its own port (every ``--workers`` process,
+    #: sharing it like the gRPC port); None: only under the admin port's ``http_prefix``.
+    http_listen: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_s: float = 10.0
     reuse_port: bool = False
@@ -104,18 +108,20 @@ def _grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _bind_admin_socket(value: str) -> socket.socket:
+def _bind_http_socket(value: str, what: str, *, reuse_port: bool = False) -> socket.socket:
     host, port = parse_listen(value)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
         sock.listen(1024)
     except OSError as exc:
         sock.close()
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise ConfigError(f"cannot listen on {value} (admin): {why}") from exc
+        raise ConfigError(f"cannot listen on {value} ({what}): {why}") from exc
     sock.setblocking(False)
     return sock
 
@@ -167,6 +173,44 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 
 @dataclass
+class _HttpServer:
+    """One embedded uvicorn serving an ASGI app on an already bound socket."""
+
+    uv: _EmbeddedUvicorn
+    task: asyncio.Task[None]
+    port: int
+
+    @classmethod
+    async def start(
+        cls, app: Any, sock: socket.socket, *, grace_s: float, what: str
+    ) -> _HttpServer:
+        uv = _EmbeddedUvicorn(
+            uvicorn.Config(
+                app,
+                log_config=None,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=max(1, int(grace_s)),
+            )
+        )
+        task = asyncio.create_task(uv.serve(sockets=[sock]))
+        while not uv.started:
+            if task.done():
+                task.result()
+                raise ConfigError(f"{what} HTTP server did not start")
+            await asyncio.sleep(0.005)
+        return cls(uv, task, sock.getsockname()[1])
+
+    async def stop(self, grace: float) -> None:
+        self.uv.should_exit = True
+        try:
+            await asyncio.wait_for(self.task, timeout=grace + 1)
+        except (TimeoutError, asyncio.CancelledError):
+            self.task.cancel()
+
+
+@dataclass
 class RunningAuthz:
     config: AuthzConfig
     state: PolicyState
@@ -178,9 +222,10 @@ class RunningAuthz:
     admin_app: AdminApp | None
     _server: grpc.aio.Server
     _health: HealthServicer
-    _uvicorn: _EmbeddedUvicorn | None
-    _admin_task: asyncio.Task[None] | None
     _owns_audit: bool
+    #: The port of the HTTP ext_authz listener (``http_listen``), or None.
+    http_port: int | None = None
+    _http: list[_HttpServer] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
     reloader: Reloader | None = None
@@ -203,12 +248,8 @@ class RunningAuthz:
         for watcher in (self.reloader, self.shadow):
             if watcher is not None:
                 await asyncio.to_thread(watcher.stop)
-        if self._uvicorn is not None and self._admin_task is not None:
-            self._uvicorn.should_exit = True
-            try:
-                await asyncio.wait_for(self._admin_task, timeout=grace + 1)
-            except (TimeoutError, asyncio.CancelledError):
-                self._admin_task.cancel()
+        for http in self._http:
+            await http.stop(grace)
         if self._owns_audit:
             self.audit.close()
         self._stopped.set()
@@ -249,9 +290,15 @@ async def start_authz(
             raise ConfigError(f"cannot open audit log {config.audit_log}: {exc}") from exc
     cleanup: list[Callable[[], object]] = [audit.close] if owns_audit else []
     try:
-        admin_sock = _bind_admin_socket(config.admin_listen) if config.admin_listen else None
-        if admin_sock is not None:
+        admin_sock = http_sock = None
+        if config.admin_listen:
+            admin_sock = _bind_http_socket(config.admin_listen, "admin")
             cleanup.append(admin_sock.close)
+        if config.http_listen:
+            http_sock = _bind_http_socket(
+                config.http_listen, "HTTP ext_authz", reuse_port=config.reuse_port
+            )
+            cleanup.append(http_sock.close)
         shadow = None
         if config.shadow_policy_dir is not None:
             shadow = ShadowEvaluator.from_dir(
@@ -313,8 +360,7 @@ async def start_authz(
     running = RunningAuthz(
         config=config, state=state, pipeline=pipeline, metrics=metrics, audit=audit,
         grpc_port=bound, admin_port=None, admin_app=None, _server=server, _health=health,
-        _uvicorn=None, _admin_task=None, _owns_audit=owns_audit,
-        reloader=reloader, shadow=shadow,
+        _owns_audit=owns_audit, reloader=reloader, shadow=shadow,
     )  # fmt: skip
     if watch:
         reloader.start()
@@ -331,26 +377,15 @@ async def start_authz(
             trust_xfcc=config.trust_xfcc,
             reload=reloader.reload_now,
         )
-        uv = _EmbeddedUvicorn(
-            uvicorn.Config(
-                app,
-                log_config=None,
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                timeout_graceful_shutdown=max(1, int(config.grace_s)),
-            )
-        )
         running.admin_app = app
-        running.admin_port = admin_sock.getsockname()[1]
-        running._uvicorn = uv
-        running._admin_task = asyncio.create_task(uv.serve(sockets=[admin_sock]))
-        while not uv.started:
-            if running._admin_task.done():
-                await server.stop(0)
-                running._admin_task.result()
-                raise ConfigError("admin HTTP server did not start")
-            await asyncio.sleep(0.005)
+        await _serve_http(running, server, app, admin_sock, "admin")
+        running.admin_port = running._http[-1].port
+    if http_sock is not None:
+        authz_app = create_ext_authz_app(
+            pipeline=pipeline, http_prefix=config.http_prefix, trust_xfcc=config.trust_xfcc
+        )
+        await _serve_http(running, server, authz_app, http_sock, "HTTP ext_authz")
+        running.http_port = running._http[-1].port
     if reloader.gc_freeze:
         # What start-up built (the engine, its indexes, grpc and the admin app) lives as
         # long as the process: move it out of the collector's sight, as every reload does
@@ -363,6 +398,8 @@ async def start_authz(
         grpc=f"{host}:{running.grpc_port}",
         admin=config.admin_listen
         and f"{config.admin_listen.rpartition(':')[0]}:{running.admin_port}",
+        http_ext_authz=config.http_listen
+        and f"{config.http_listen.rpartition(':')[0]}:{running.http_port}",
         revision=state.revision,
         engine=state.engine.kind,
         tls=creds is not None,
@@ -370,3 +407,19 @@ async def start_authz(
         loop=running_loop_name(),
     )
     return running
+
+
+async def _serve_http(
+    running: RunningAuthz, server: grpc.aio.Server, app: Any, sock: socket.socket, what: str
+) -> None:
+    """Start ``app`` on ``sock`` as one of ``running``'s HTTP servers. On failure, stop what
+    already serves and raise: start-up serves every listener or none."""
+    try:
+        running._http.append(
+            await _HttpServer.start(app, sock, grace_s=running.config.grace_s, what=what)
+        )
+    except BaseException:
+        for http in running._http:
+            await http.stop(0)
+        await server.stop(0)
+        raise

@@ -9,7 +9,7 @@ does:
 * ``ext_authz``: the ext_authz HTTP filter as ``citadel.envoyconf`` ships it ->
   ``citadel authz serve`` over gRPC (one process, audit on);
 * ``ext_authz_http``: the same filter in its HTTP mode (``ext_authz_http_filter``) -> the
-  same citadel process's admin port, the caller's identity in the
+  same citadel process's ``--http-listen`` port, the caller's identity in the
   ``x-forwarded-client-cert`` header Envoy sets from the verified peer (``--trust-xfcc``);
 * ``rbac``: Envoy's native RBAC filters with the *same* rules, rendered the way Istio
   compiles ALLOW/DENY policies (a DENY filter, then an ALLOW filter; exact paths, URI
@@ -185,7 +185,7 @@ def _file_tls(certs: dict[str, Path], name: str) -> dict:
 
 
 def authz_configs(
-    citadel_port: int, admin_port: int, *, tune: bool
+    citadel_port: int, http_port: int, *, tune: bool
 ) -> dict[str, tuple[dict, list[dict]]]:
     """ext_authz configurations by listener name: (the HTTP filter, the clusters it needs).
 
@@ -202,9 +202,9 @@ def authz_configs(
 
     out = {"ext_authz": envoy_grpc("citadel")}
     http = conf.ext_authz_http_filter(
-        "citadel_http", f"http://127.0.0.1:{admin_port}", timeout="0.25s", **forbidden
+        "citadel_http", f"http://127.0.0.1:{http_port}", timeout="0.25s", **forbidden
     )
-    out["ext_authz_http"] = (http, [conf.static_cluster("citadel_http", conf.address(admin_port))])
+    out["ext_authz_http"] = (http, [conf.static_cluster("citadel_http", conf.address(http_port))])
     if not tune:
         return out
     out["ea_all_headers"] = envoy_grpc("ea_all_headers", allowed_headers=None)
@@ -523,8 +523,8 @@ def run(args: argparse.Namespace) -> dict:
     principal = pol.principals[0]
     certs = make_certs(work, principal)
     mix = request_mix(pol, principal, args.requests)
-    admin_port, citadel_port, citadel_admin = (loadgen.free_port() for _ in range(3))
-    authz = authz_configs(citadel_port, citadel_admin, tune=args.tune)
+    admin_port, citadel_port, citadel_admin, citadel_http = (loadgen.free_port() for _ in range(4))
+    authz = authz_configs(citadel_port, citadel_http, tune=args.tune)
     rbac = ("rbac", "rbac_regex") if args.tune else ("rbac",)
     variants = [*authz, *rbac, "none"]
     ports = {f"{kind}_{v}": loadgen.free_port() for kind in ("front", "inbound") for v in variants}
@@ -564,7 +564,8 @@ def run(args: argparse.Namespace) -> dict:
         "--listen", f"127.0.0.1:{citadel_port}",
         "--admin-listen", f"127.0.0.1:{citadel_admin}",
         "--audit-log", str(work / "audit.jsonl"),
-        "--log-level", "warning", "--grace", "1", "--trust-xfcc",
+        "--log-level", "warning", "--grace", "1",
+        "--http-listen", f"127.0.0.1:{citadel_http}", "--trust-xfcc",
     ]  # fmt: skip
     proxy = EnvoyProcess(
         config, work_dir=work, binary=envoy, concurrency=args.envoy_concurrency, log_level="warn"

@@ -173,6 +173,31 @@ def test_http_variant_with_trusted_xfcc(start_server) -> None:
         assert c.get("/healthz").status_code == 200  # the admin app is still there
 
 
+def test_http_listen_serves_the_variant_and_no_admin_endpoint(start_server) -> None:
+    """The port sidecars reach (``--http-listen``) decides and audits like the admin port's
+    variant, and nothing else: no reload, explain, policy, metrics or health there."""
+    srv = start_server(trust_xfcc=True, http_listen="127.0.0.1:0")
+    xfcc = {"x-forwarded-client-cert": f"Hash=ab;URI={FRONTEND}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{srv.running.http_port}", timeout=10) as c:
+        ok = c.get("/ext_authz/api/orders", headers={"host": ORDERS_HOST, **xfcc})
+        assert ok.status_code == 200
+        denied = c.post("/ext_authz/api/charges", headers={"host": PAYMENTS_HOST, **xfcc})
+        assert denied.status_code == 403
+        for method, path in [("POST", "/v1/reload"), ("GET", "/v1/policy"), ("GET", "/metrics"),
+                             ("POST", "/v1/explain"), ("GET", "/healthz"), ("GET", "/docs"),
+                             ("GET", "/ext_authzz/api/orders")]:  # fmt: skip
+            r = c.request(method, path, headers={"host": ORDERS_HOST})
+            assert r.status_code == 404, (method, path)
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["status"] == 404
+    records = {r["decision_id"]: r for r in read_records([srv.audit_path])
+               if r.get("kind") == "authz.decision"}  # fmt: skip
+    assert records[ok.headers["x-citadel-decision-id"]]["principal"] == FRONTEND
+    assert records[denied.headers["x-citadel-decision-id"]]["outcome"] == "deny"
+    with httpx.Client(base_url=srv.admin_url, timeout=10) as admin:
+        assert admin.get("/v1/policy").status_code == 200  # the admin port keeps them
+
+
 # ---------------------------------------------------------------- citadel authz check
 
 

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2 as ac
 from envoy.service.auth.v3 import external_auth_pb2 as ea
@@ -25,7 +26,7 @@ FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
 ORDERS_HOST = "orders.shop.svc.cluster.local"
 
 
-def serve_argv(port: int, admin: int, audit: Path, workers: int = 2) -> list[str]:
+def serve_argv(port: int, admin: int, audit: Path, workers: int = 2, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "citadel.cli", "authz", "serve",
         "--policy-dir", str(POLICIES),
@@ -34,6 +35,7 @@ def serve_argv(port: int, admin: int, audit: Path, workers: int = 2) -> list[str
         "--audit-log", str(audit),
         "--workers", str(workers),
         "--grace", "2",
+        *extra,
     ]  # fmt: skip
 
 
@@ -58,25 +60,24 @@ def check(stub: eag.AuthorizationStub, path: str) -> int:
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("workers")
-    port, admin = free_port(), free_port()
+    port, admin, http = free_port(), free_port(), free_port()
     audit = tmp / "audit.jsonl"
-    proc = subprocess.Popen(
-        serve_argv(port, admin, audit), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    argv = serve_argv(port, admin, audit, 2, "--http-listen", f"127.0.0.1:{http}", "--trust-xfcc")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while headers_written(audit) < 2:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"workers did not start: {proc.communicate()[1].decode()[-2000:]}")
         time.sleep(0.1)
-    yield proc, port, audit
+    yield proc, port, audit, http
     if proc.poll() is None:
         proc.kill()
         proc.wait(10)
 
 
 def test_two_workers_share_the_port_and_each_decides(two_workers) -> None:
-    _proc, port, audit = two_workers
+    _proc, port, audit, _http = two_workers
     sent = 0
     # Every channel is its own connection; the kernel spreads connections across workers.
     for i in range(40):
@@ -96,8 +97,23 @@ def test_two_workers_share_the_port_and_each_decides(two_workers) -> None:
     assert len(per_stream) == 2, f"both workers decided: {dict(per_stream)}"
 
 
+def test_every_worker_serves_the_http_variant_on_the_shared_port(two_workers) -> None:
+    """``--http-listen`` is bound by every worker (SO_REUSEPORT), like the gRPC port."""
+    _proc, _port, audit, http = two_workers
+    before = {r["decision_id"] for r in read_records([audit]) if r.get("kind") == "authz.decision"}
+    xfcc = {"host": ORDERS_HOST, "x-forwarded-client-cert": f"URI={FRONTEND}"}
+    for i in range(40):  # a fresh connection each: the kernel spreads them across workers
+        with httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=10) as c:
+            assert c.get(f"/ext_authz/api/orders/{i}", headers=xfcc).status_code == 200
+    time.sleep(0.2)
+    fresh = [r for r in read_records([audit]) if r.get("kind") == "authz.decision"
+             and r["decision_id"] not in before]  # fmt: skip
+    assert len(fresh) == 40 and {r["transport"] for r in fresh} == {"http"}
+    assert len(Counter(r["stream"] for r in fresh)) == 2, "both workers answered"
+
+
 def test_sigterm_drains_every_worker_and_the_chains_verify(two_workers) -> None:
-    proc, _port, audit = two_workers
+    proc, _port, audit, _http = two_workers
     assert_workers_drain_on_sigterm(proc, audit, workers=2)
 
 

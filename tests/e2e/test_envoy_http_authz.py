@@ -1,6 +1,6 @@
 """Through a real Envoy over mTLS: the HTTP ext_authz variant, identity from XFCC.
 
-    test --mTLS (client cert, URI SAN)--> Envoy inbound --HTTP--> citadel admin /ext_authz
+    test --mTLS (client cert, URI SAN)--> Envoy inbound --HTTP--> citadel --http-listen
                                               | sets x-forwarded-client-cert from the
                                               | certificate it verified (SANITIZE_SET)
                                               v
@@ -136,12 +136,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("envoy-http")
     pki = _write_pki(tmp)
     recorder, upstream = _recorder(), _recorder()
-    citadel = ServerThread(config_for(POLICIES, tmp / "audit.log", trust_xfcc=True))
+    citadel = ServerThread(
+        config_for(POLICIES, tmp / "audit.log", trust_xfcc=True, http_listen="127.0.0.1:0")
+    )
     ports = {name: free_port() for name in ("admin", "guarded", "recorded", "orphan", "dead")}
     cfg = envoy_config(
         pki,
         ports,
-        citadel=citadel.running.admin_port,
+        citadel=citadel.running.http_port,
         recorder=recorder.server_address[1],
         upstream=upstream.server_address[1],
     )
