@@ -30,7 +30,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
-HARNESS = {"loadgen", "h2load", "trivial_authz", "policies", "run_all", "report", "cores"}
+HARNESS = {
+    "loadgen",
+    "h2load",
+    "trivial_authz",
+    "policies",
+    "run_all",
+    "report",
+    "cores",
+    "envoy_setup",
+}
 #: Order: quick, independent benches first; the long service benches last.
 PREFERRED_ORDER = ("engine", "reload", "ca", "agent", "check_service", "workers", "envoy_vs_rbac")
 DEFAULT_BUDGET_S = 570.0  # leaves room for start-up and the report inside ten minutes
