@@ -189,7 +189,8 @@ def _build_api(
 
 
 class AdminApp:
-    """ASGI app: the ext_authz HTTP variant under ``http_prefix``, FastAPI for the rest."""
+    """ASGI app: the ext_authz HTTP variant under ``http_prefix``, ``api`` for the rest (the
+    FastAPI admin app, or a 404 on the ``--http-listen`` port)."""
 
     def __init__(
         self, *, api: Any, pipeline: DecisionPipeline, http_prefix: str, trust_xfcc: bool

@@ -370,47 +370,7 @@ class _ListLevel(Level):
         return out
 
 
-class _GlobNode:
-    """A globMatch node: its (predicate, child) pairs plus a small memo of answers.
-
-    pycasbin's ``glob_match`` walks the pattern character by character in Python (~7 µs a
-    call), and globMatch is used for hosts, which repeat: the same value meets the same
-    node again and again. The memo maps a value to the children it matched; it is
-    bounded and simply cleared when full, so a high-cardinality field (a glob on paths)
-    costs one dict lookup more than no memo at all.
-    """
-
-    __slots__ = ("memo", "pairs")
-
-    def __init__(self, pairs: tuple[tuple[Callable[[str], object], Node], ...]) -> None:
-        self.pairs = pairs
-        self.memo: dict[str, tuple[Node, ...]] = {}
-
-
-class _GlobLevel(_ListLevel):
-    """globMatch: like ``_ListLevel``, with each node's answers memoised per value."""
-
-    __slots__ = ()
-
-    def make_node(self, children: Mapping[str, Node]) -> Node:
-        return _GlobNode(super().make_node(children))
-
-    def expand(self, frontier: list[Node], req: tuple[str, ...]) -> list[Node]:
-        value = req[self.ri]
-        out: list[Node] = []
-        for node in frontier:
-            memo = node.memo
-            hit = memo.get(value)
-            if hit is None:
-                hit = tuple(child for match, child in node.pairs if match(value))
-                if len(memo) >= GLOB_MEMO_SIZE:
-                    memo.clear()  # racing threads may both clear; each result is exact
-                memo[value] = hit
-            out.extend(hit)
-        return out
-
-
-#: Values remembered per globMatch node before its memo is cleared.
+#: Values remembered per globMatch pattern before its memo is cleared.
 GLOB_MEMO_SIZE = 256
 
 
@@ -425,8 +385,6 @@ def make_level(func: str, ri: int, pj: int, names: Closure | None = None) -> Lev
         return _PrefixLevel(func, ri, pj)
     if func == "keyMatch2":
         return _PathLevel(func, ri, pj)
-    if func == "globMatch":
-        return _GlobLevel(func, ri, pj)
     if func in PATTERN_FUNCTIONS:
         return _ListLevel(func, ri, pj)
     raise ValueError(f"no compiled form for {func}")

